@@ -1,0 +1,19 @@
+"""optimum-sparse: post-training pruning of causal language models, the Hugging Face way."""
+
+import logging as _logging
+
+from .config import PruningConfig
+from .engine import PruningReport, UnsupportedModelError
+from .data import CalibrationError
+from .eval import evaluate_perplexity
+from .methods import available_methods, register_method
+from .models import load_model_and_tokenizer
+from .pruner import SparsePruner
+from .version import __version__
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+__all__ = [
+    "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError",
+    "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
+]

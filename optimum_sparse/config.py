@@ -1,0 +1,201 @@
+"""`PruningConfig`: the one validated, serializable description of a pruning run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .version import __version__
+
+__all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "pruning_config.json"
+_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_structure(structure: str) -> Optional[tuple[int, int]]:
+    """Returns `(n, m)` for an N:M structure string such as `"2:4"`, or `None` for `"unstructured"`.
+
+    `n` is the number of zeros in every group of `m` consecutive input weights.
+    """
+    if structure == "unstructured":
+        return None
+    match = _NM_PATTERN.match(structure)
+    if match is None:
+        raise ValueError(
+            f"PruningConfig.structure must be 'unstructured' or 'N:M' (e.g. '2:4', '4:8'), got {structure!r}."
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"PruningConfig.structure {structure!r}: N:M needs 0 < N < M, got N={n}, M={m}.")
+    return n, m
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    kwargs = {"metadata": {"help": text}}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, **kwargs)
+    return field(default=default, **kwargs)
+
+
+@dataclass
+class PruningConfig:
+    """Configuration of a post-training pruning run.
+
+    The config is validated on construction; every error names the field and the allowed values.
+    It round-trips through `to_dict`/`from_dict` and JSON (`save_pretrained`/`from_pretrained`).
+
+    Args:
+        method (`str`, defaults to `"sparsegpt"`):
+            Pruning method, one of `optimum_sparse.available_methods()` (`"magnitude"`, `"wanda"`, `"sparsegpt"`, ...).
+        sparsity (`float`, defaults to `0.5`):
+            Fraction of weights set to zero in every pruned linear layer, in `[0, 1)`. Ignored for N:M structures,
+            whose sparsity is `N/M`.
+        structure (`str`, defaults to `"unstructured"`):
+            `"unstructured"` or `"N:M"` (e.g. `"2:4"`): exactly N zeros in every M consecutive input weights.
+        dataset (`str`, defaults to `"wiki-offline"`):
+            Calibration source when `SparsePruner.apply` gets no `dataset`: `"wiki-offline"` (bundled Wikipedia
+            text), `"wikitext2"`, `"c4"`, `"ptb"`, any `datasets` name, or a local `.txt`/`.jsonl` file.
+        num_samples (`int`, defaults to `128`): Number of calibration sequences.
+        seq_len (`int`, defaults to `2048`): Tokens per calibration sequence.
+        seed (`int`, defaults to `0`): Seed of the calibration sampling.
+        targets (`list[str]`, defaults to `["Linear"]`):
+            Modules to prune inside the decoder blocks: class names (`"Linear"`, `"Conv1D"`), module-name suffixes
+            (`"mlp.down_proj"`), or regexes prefixed with `re:`.
+        ignore (`list[str]`, defaults to `[]`):
+            Modules to skip, same grammar as `targets`. Embeddings and `lm_head` are never pruned.
+        damping (`float`, defaults to `0.01`): Relative Hessian damping (fraction of the mean diagonal).
+        block_size (`int`, defaults to `128`): Column block size of the SparseGPT solver.
+        true_sequential (`bool`, defaults to `False`):
+            Within a block, prune the linear groups in order (attention inputs, attention output, MLP inputs, MLP
+            output), recollecting statistics after each group. Slower, usually a little better.
+        batch_size (`int`, defaults to `8`): Calibration sequences forwarded at once through a block.
+        device (`str`, *optional*):
+            Device for statistics and solves (`"cuda"`, `"cpu"`). Defaults to the device of each block's weights,
+            or CUDA when the model sits on the CPU and a GPU is available.
+        method_kwargs (`dict`, defaults to `{}`): Extra method-specific parameters.
+    """
+
+    method: str = _help("Pruning method name.", "sparsegpt")
+    sparsity: float = _help("Fraction of zeros per pruned layer, in [0, 1).", 0.5)
+    structure: str = _help("'unstructured' or 'N:M' (N zeros in each M consecutive input weights).", "unstructured")
+    dataset: str = _help("Calibration source when none is passed to apply().", "wiki-offline")
+    num_samples: int = _help("Number of calibration sequences.", 128)
+    seq_len: int = _help("Tokens per calibration sequence.", 2048)
+    seed: int = _help("Seed of the calibration sampling.", 0)
+    targets: list = _help("Modules to prune (class names, name suffixes, or 're:' regexes).", default_factory=lambda: ["Linear"])
+    ignore: list = _help("Modules to skip (same grammar as targets).", default_factory=list)
+    damping: float = _help("Relative Hessian damping.", 0.01)
+    block_size: int = _help("Column block size of the OBS solver.", 128)
+    true_sequential: bool = _help("Prune linear groups of a block in order, recollecting statistics.", False)
+    batch_size: int = _help("Calibration sequences forwarded at once through a block.", 8)
+    device: Optional[str] = _help("Device for statistics and solves.", None)
+    method_kwargs: dict = _help("Method-specific parameters.", default_factory=dict)
+    library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
+
+    def __post_init__(self):
+        from .methods import available_methods, get_method_class
+
+        if self.method not in available_methods():
+            raise ValueError(
+                f"PruningConfig.method must be one of {sorted(available_methods())}, got {self.method!r}."
+            )
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"PruningConfig.sparsity must be a float in [0, 1), got {self.sparsity!r}.")
+        self.sparsity = float(self.sparsity)
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"PruningConfig.sparsity must be in [0, 1), got {self.sparsity}.")
+        nm = parse_structure(self.structure)
+        if nm is not None:
+            self.sparsity = nm[0] / nm[1]
+        for name in ("num_samples", "seq_len", "block_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.damping, (int, float)) or not self.damping > 0:
+            raise ValueError(f"PruningConfig.damping must be a positive float, got {self.damping!r}.")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+                setattr(self, name, value)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"PruningConfig.{name} must be a list of strings, got {value!r}.")
+            for pattern in value:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        raise ValueError(f"PruningConfig.{name}: invalid regex {pattern!r}: {err}") from err
+        if not self.targets:
+            raise ValueError("PruningConfig.targets must name at least one module class, name or 're:' regex.")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"PruningConfig.device: {err}") from err
+        if not isinstance(self.method_kwargs, dict):
+            raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
+        get_method_class(self.method).validate_config(self)
+
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        """`(n, m)` for N:M structures, else `None`."""
+        return parse_structure(self.structure)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "PruningConfig":
+        """Builds a config from a dict; unknown keys are dropped with a warning."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            logger.warning("Ignoring unknown PruningConfig keys: %s", ", ".join(unknown))
+        return cls(**{k: v for k, v in config_dict.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the config as JSON, atomically (temporary file, then rename)."""
+        from .utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: Union[str, os.PathLike]) -> "PruningConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Saves the config as `pruning_config.json` in `save_directory`."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], **kwargs) -> "PruningConfig":
+        """Loads a config from a folder holding `pruning_config.json`, a JSON file, or a Hub repo id."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            file = os.path.join(path, CONFIG_NAME)
+        elif os.path.isfile(path):
+            file = path
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = hf_hub_download(path, CONFIG_NAME, **kwargs)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {path}.")
+        return cls.from_json_file(file)

@@ -1,0 +1,191 @@
+"""`BlockJob`: everything a method may do with one decoder block during pruning.
+
+The engine builds one job per block. A method calls `prune_locally` (one linear at a time) or, for global
+methods, uses `forward`, `collect_stats` and `capture` to build its own joint problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from ..methods.base import LinearStats
+from .architectures import ArchitectureSpec
+from .capture import BlockInputs
+from .devices import move_to
+from .linears import read_weight, write_weight
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+    from ..methods.base import PruningMethod
+
+__all__ = ["BlockJob", "LayerReport"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one linear layer."""
+
+    name: str
+    shape: tuple
+    sparsity: float
+    relative_error: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "shape": list(self.shape), "sparsity": self.sparsity}
+        if self.relative_error is not None:
+            out["relative_error"] = self.relative_error
+        out.update(self.extra)
+        return out
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class BlockJob:
+    """One decoder block on its solve device, with its calibration inputs.
+
+    Args:
+        block: the decoder block, already on `device`.
+        index: block index.
+        prefix: full module name of the block (e.g. `"model.layers.3"`).
+        spec: architecture entry (linear groups and MLP layout).
+        linears: target linears of this block, `{name relative to block: module}` in forward order.
+        inputs: the block's calibration inputs (on the storage device).
+        device: solve device.
+        config: the pruning config.
+        sparsity_for: returns the target sparsity of a linear from its full name.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        index: int,
+        prefix: str,
+        spec: ArchitectureSpec,
+        linears: dict[str, nn.Module],
+        inputs: BlockInputs,
+        device: torch.device,
+        config: "PruningConfig",
+        sparsity_for: Callable[[str], float],
+    ):
+        self.block = block
+        self.index = index
+        self.prefix = prefix
+        self.spec = spec
+        self.linears = linears
+        self.inputs = inputs
+        self.device = device
+        self.config = config
+        self.sparsity_for = sparsity_for
+        self.reports: list[LayerReport] = []
+        self.diagnostics: dict = {}
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    # ----- forward passes -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_batch(self, i: int) -> torch.Tensor:
+        """Runs the block on calibration batch `i` and returns its output hidden states (on `device`)."""
+        hidden = self.inputs.hidden[i].to(self.device)
+        args = move_to(self.inputs.args[i], self.device)
+        kwargs = move_to(self.inputs.kwargs[i], self.device)
+        return _first(self.block(hidden, *args, **kwargs))
+
+    @torch.no_grad()
+    def forward_all(self, storage: Optional[torch.device] = None) -> list[torch.Tensor]:
+        """Runs every batch; returns the outputs on `storage` (default: the inputs' device)."""
+        outputs = []
+        for i in range(len(self.inputs)):
+            out = self.forward_batch(i)
+            outputs.append(out.to(storage or self.inputs.hidden[i].device))
+        return outputs
+
+    @contextlib.contextmanager
+    def capture(self, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+        """Calls `fn(name, input, output)` on every forward of the given modules while the context is open."""
+        handles = []
+        for name, module in modules.items():
+            def hook(mod, args, output, name=name):
+                fn(name, args[0].detach(), _first(output).detach())
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def collect_stats(self, names: list[str], want_hessian: bool) -> dict[str, LinearStats]:
+        """Forwards every calibration batch and accumulates the input statistics of the named linears."""
+        stats = {name: LinearStats() for name in names}
+
+        def add(name, inp, out):
+            stats[name].add(inp.to(self.device), want_hessian)
+
+        with self.capture({n: self.linears[n] for n in names}, add):
+            for i in range(len(self.inputs)):
+                self.forward_batch(i)
+        return stats
+
+    # ----- local pruning --------------------------------------------------------------------------------------
+    def groups(self) -> list[list[str]]:
+        """Target linears grouped for pruning: the table's groups when `true_sequential`, else one group."""
+        if not self.config.true_sequential:
+            return [list(self.linears)]
+        grouped, seen = [], set()
+        for group in self.spec.groups:
+            names = [n for n in group if n in self.linears]
+            seen.update(names)
+            if names:
+                grouped.append(names)
+        rest = [n for n in self.linears if n not in seen]
+        return grouped + ([rest] if rest else [])
+
+    def apply_weight(self, name: str, original: torch.Tensor, new: torch.Tensor, mask: torch.Tensor,
+                     stats: Optional[LinearStats] = None, **extra) -> LayerReport:
+        """Writes a pruned weight into linear `name` and records its report."""
+        write_weight(self.linears[name], new, self.full_name(name))
+        error = None
+        if stats is not None and stats.hessian is not None:
+            delta = new - original
+            num = torch.einsum("oi,ij,oj->", delta, stats.hessian, delta)
+            den = torch.einsum("oi,ij,oj->", original, stats.hessian, original).clamp_min(1e-30)
+            error = float(num / den)
+        report = LayerReport(
+            name=self.full_name(name),
+            shape=tuple(new.shape),
+            sparsity=float(mask.float().mean()),
+            relative_error=error,
+            extra=extra,
+        )
+        self.reports.append(report)
+        return report
+
+    def prune_locally(self, method: "PruningMethod", names: Optional[list[str]] = None) -> None:
+        """Prunes linears one at a time on their own input statistics (magnitude, Wanda, SparseGPT)."""
+        todo = set(names if names is not None else self.linears)
+        for group in self.groups():
+            group = [n for n in group if n in todo]
+            if not group:
+                continue
+            stats = (
+                self.collect_stats(group, want_hessian=method.stats == "hessian")
+                if method.needs_calibration
+                else {n: None for n in group}
+            )
+            for name in group:
+                original = read_weight(self.linears[name], self.device)
+                new, mask = method.prune_weight(original.clone(), stats[name], self.sparsity_for(self.full_name(name)))
+                self.apply_weight(name, original, new, mask, stats[name])
+                stats[name] = None

@@ -1,0 +1,142 @@
+"""The block-sequential loop: capture block-0 inputs, then prune block by block, propagating pruned outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..utils import matches_any
+from .architectures import ArchitectureSpec, find_blocks, get_architecture
+from .block import BlockJob, LayerReport
+from .capture import BlockInputs, capture_block_inputs
+from .devices import onload_block, solve_device
+from .linears import in_features, is_linear
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+    from ..methods.base import PruningMethod
+
+__all__ = ["PruningReport", "find_target_linears", "check_targets", "run_sequential"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruningReport:
+    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, timing."""
+
+    method: str
+    layers: list = field(default_factory=list)
+    blocks: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mean_sparsity(self) -> float:
+        total = sum(torch.Size(r.shape).numel() for r in self.layers)
+        zeros = sum(torch.Size(r.shape).numel() * r.sparsity for r in self.layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "seconds": self.seconds,
+            "mean_sparsity": self.mean_sparsity,
+            "layers": [r.to_dict() for r in self.layers],
+            "blocks": self.blocks,
+        }
+
+
+def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", spec: ArchitectureSpec) -> dict[str, nn.Module]:
+    """Target linears of a block, `{name relative to block: module}`, in the table's forward order."""
+    found = {}
+    for name, module in block.named_modules():
+        if not name or not is_linear(module):
+            continue
+        full = f"{prefix}.{name}"
+        if matches_any(full, module, config.targets) and not matches_any(full, module, config.ignore):
+            found[name] = module
+    order = {name: i for i, name in enumerate(spec.linear_names)}
+    return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def check_targets(model: nn.Module, config: "PruningConfig") -> tuple[ArchitectureSpec, nn.ModuleList, list[dict]]:
+    """Validates the model against the config before any weight changes; returns the spec, blocks, targets."""
+    spec = get_architecture(model)
+    blocks = find_blocks(model, spec)
+    targets = [find_target_linears(block, f"{spec.blocks}.{i}", config, spec) for i, block in enumerate(blocks)]
+    if not any(targets):
+        raise ValueError(
+            f"No linear layer in the decoder blocks matches targets={config.targets} minus ignore={config.ignore}."
+        )
+    nm = config.nm
+    if nm is not None:
+        for i, linears in enumerate(targets):
+            for name, module in linears.items():
+                if in_features(module) % nm[1]:
+                    raise ValueError(
+                        f"{spec.blocks}.{i}.{name} has {in_features(module)} inputs, not a multiple of M={nm[1]} "
+                        f"(structure={config.structure!r}); add it to `ignore`."
+                    )
+    return spec, blocks, targets
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    method: "PruningMethod",
+    config: "PruningConfig",
+    input_ids: Optional[torch.Tensor],
+    sparsity_for: Optional[Callable[[str], float]] = None,
+    progress: bool = True,
+) -> PruningReport:
+    """Prunes `model` in place, one decoder block at a time.
+
+    Args:
+        model: a causal LM (`PreTrainedModel`).
+        method: the pruning method instance.
+        config: the pruning config.
+        input_ids: calibration tokens `[n, seq_len]` (`None` for methods without calibration).
+        sparsity_for: per-layer target sparsity by full module name (default: `config.sparsity`).
+        progress: show a progress bar over blocks.
+    """
+    spec, blocks, targets = check_targets(model, config)
+    sparsity_for = sparsity_for or (lambda name: config.sparsity)
+    report = PruningReport(method=config.method)
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        inputs: Optional[BlockInputs] = None
+        if method.needs_calibration:
+            if input_ids is None:
+                raise ValueError(f"Method {config.method!r} needs calibration data.")
+            inputs = capture_block_inputs(model, blocks[0], input_ids, config.batch_size)
+        bar = tqdm(total=len(blocks), desc=f"Pruning ({config.method})", unit="block", disable=not progress)
+        for index, block in enumerate(blocks):
+            device = solve_device(block, config.device)
+            block_started = time.perf_counter()
+            with onload_block(block, device):
+                job = BlockJob(
+                    block, index, f"{spec.blocks}.{index}", spec, targets[index],
+                    inputs if inputs is not None else BlockInputs(), device, config, sparsity_for,
+                )
+                if targets[index]:
+                    method.prune_block(job)
+                if inputs is not None:
+                    inputs = inputs.with_hidden(job.forward_all())
+            report.layers.extend(job.reports)
+            report.blocks.append({"index": index, "seconds": time.perf_counter() - block_started, **job.diagnostics})
+            bar.update(1)
+            del job
+        bar.close()
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    logger.info("Pruned %d layers in %.1fs (mean sparsity %.4f).", len(report.layers), report.seconds, report.mean_sparsity)
+    return report

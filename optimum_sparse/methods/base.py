@@ -1,0 +1,106 @@
+"""The interface every pruning method implements, and the method registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+    from ..engine.block import BlockJob
+
+__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods"]
+
+_REGISTRY: dict[str, type["PruningMethod"]] = {}
+
+
+@dataclass
+class LinearStats:
+    """Calibration statistics of one linear layer's input, accumulated in float32.
+
+    Attributes:
+        hessian (`torch.Tensor`, *optional*): `Σ x xᵀ` over calibration tokens, `[in, in]`.
+        sq_norms (`torch.Tensor`, *optional*): `Σ x_j²` per input feature, `[in]` (the diagonal of `hessian`).
+        num_tokens (`int`): Number of tokens accumulated.
+    """
+
+    hessian: Optional[torch.Tensor] = None
+    sq_norms: Optional[torch.Tensor] = None
+    num_tokens: int = 0
+
+    def add(self, inputs: torch.Tensor, want_hessian: bool) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        if want_hessian:
+            if self.hessian is None:
+                self.hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.hessian.addmm_(x.t(), x)
+        if self.sq_norms is None:
+            self.sq_norms = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+        self.sq_norms.add_((x * x).sum(0))
+        self.num_tokens += x.shape[0]
+
+
+class PruningMethod:
+    """Base class of pruning methods: tensor math only, no hooks, devices or models.
+
+    A subclass sets `name` and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
+    collects) and implements `prune_weight`. Methods that solve several linears jointly (SparseLLM) override
+    `prune_block`, which receives a `BlockJob` from the engine.
+    """
+
+    name: ClassVar[str] = ""
+    stats: ClassVar[str] = "hessian"
+
+    def __init__(self, config: "PruningConfig"):
+        self.config = config
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        """Raises `ValueError` for settings this method does not support. Called by `PruningConfig`."""
+        nm = config.nm
+        if nm is not None and config.block_size % nm[1]:
+            raise ValueError(
+                f"PruningConfig.block_size ({config.block_size}) must be a multiple of M={nm[1]} for structure "
+                f"{config.structure!r}."
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.stats != "none"
+
+    def prune_weight(self, weight: torch.Tensor, stats: Optional[LinearStats], sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prunes one weight matrix.
+
+        Args:
+            weight (`torch.Tensor`): float32 `[out_features, in_features]` copy; may be modified in place.
+            stats (`LinearStats`, *optional*): Input statistics (`None` when `stats == "none"`).
+            sparsity (`float`): Target fraction of zeros for this layer (ignored for N:M structures).
+
+        Returns:
+            `(new_weight, mask)`: float32 weight with zeros where `mask` is `True`.
+        """
+        raise NotImplementedError
+
+    def prune_block(self, job: "BlockJob") -> None:
+        """Prunes every target linear of a block. The default prunes each linear on its own statistics."""
+        job.prune_locally(self)
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator adding a method to the registry under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[PruningMethod]:
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown pruning method {name!r}; available: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,63 @@
+"""Numerically careful linear algebra: damped Cholesky with escalating damping."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["damped_cholesky", "inverse_cholesky_upper", "prepare_hessian"]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Returns a float32 copy of `hessian` with dead inputs (zero diagonal) made harmless.
+
+    Columns that never saw a non-zero input carry no information: their diagonal is set to 1 and the matching
+    weight columns are zeroed in place, as in the OBS literature.
+    """
+    hessian = hessian.to(torch.float32).clone()
+    dead = torch.diag(hessian) == 0
+    if dead.any():
+        hessian[dead, dead] = 1.0
+        weight[:, dead] = 0.0
+    return hessian
+
+
+def damped_cholesky(matrix: torch.Tensor, damping: float, max_tries: int = 8) -> torch.Tensor:
+    """Lower Cholesky factor of `matrix + λ·mean(diag)·I`, escalating λ ×10 on each failure.
+
+    Raises:
+        `torch.linalg.LinAlgError` when the matrix is not finite or still not positive definite after
+        `max_tries` escalations.
+    """
+    if not torch.isfinite(matrix).all():
+        raise torch.linalg.LinAlgError("Hessian has non-finite entries; the calibration activations overflowed.")
+    diag_mean = torch.diag(matrix).mean().clamp_min(1e-12)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    lam = damping
+    for attempt in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(matrix + lam * diag_mean * eye)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            if attempt:
+                logger.warning("Cholesky needed damping %.3g (asked %.3g).", lam, damping)
+            return factor
+        lam *= 10.0
+    raise torch.linalg.LinAlgError(f"Matrix not positive definite even with damping {lam / 10:.3g}.")
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of the damped `hessian` (the OBS update rows).
+
+    If the inverse itself fails to factor (float32 round-off), damping escalates again.
+    """
+    lam = damping
+    for _ in range(8):
+        lower = damped_cholesky(hessian, lam)
+        inverse = torch.cholesky_inverse(lower)
+        factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        if int(info) == 0 and torch.isfinite(factor).all():
+            return factor
+        lam *= 10.0
+    raise torch.linalg.LinAlgError(f"Inverse Hessian not positive definite even with damping {lam / 10:.3g}.")

@@ -1,0 +1,51 @@
+"""Small helpers shared across the package: atomic writes and module-name matching."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Iterable, Union
+
+import torch.nn as nn
+
+__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any"]
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def matches_any(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
+    """True when a module matches one of `patterns`.
+
+    A pattern is a class name (`"Linear"`), a dotted name suffix (`"mlp.down_proj"`, matched on whole
+    components), or a regex prefixed with `re:` (searched in the full module name).
+    """
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif pattern == type(module).__name__:
+            return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
