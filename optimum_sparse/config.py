@@ -66,7 +66,7 @@ class PruningConfig:
         num_samples (`int`, defaults to `128`): Number of calibration sequences.
         seq_len (`int`, defaults to `2048`): Tokens per calibration sequence.
         seed (`int`, defaults to `0`): Seed of the calibration sampling.
-        targets (`list[str]`, defaults to `["Linear"]`):
+        targets (`list[str]`, defaults to `["Linear", "Conv1D"]`):
             Modules to prune inside the decoder blocks: class names (`"Linear"`, `"Conv1D"`), module-name suffixes
             (`"mlp.down_proj"`), or regexes prefixed with `re:`.
         ignore (`list[str]`, defaults to `[]`):
@@ -90,7 +90,7 @@ class PruningConfig:
     num_samples: int = _help("Number of calibration sequences.", 128)
     seq_len: int = _help("Tokens per calibration sequence.", 2048)
     seed: int = _help("Seed of the calibration sampling.", 0)
-    targets: list = _help("Modules to prune (class names, name suffixes, or 're:' regexes).", default_factory=lambda: ["Linear"])
+    targets: list = _help("Modules to prune (class names, name suffixes, or 're:' regexes).", default_factory=lambda: ["Linear", "Conv1D"])
     ignore: list = _help("Modules to skip (same grammar as targets).", default_factory=list)
     damping: float = _help("Relative Hessian damping.", 0.01)
     block_size: int = _help("Column block size of the OBS solver.", 128)

@@ -129,13 +129,24 @@ class BlockJob:
     def collect_stats(self, names: list[str], want_hessian: bool) -> dict[str, LinearStats]:
         """Forwards every calibration batch and accumulates the input statistics of the named linears."""
         stats = {name: LinearStats() for name in names}
+        shared: dict[str, str] = {}  # linears fed the very same tensor (q/k/v, gate/up) share one accumulation
+        seen: dict[tuple, tuple] = {}  # holds the tensors too, so that no address is reused within a batch
 
         def add(name, inp, out):
+            key = (inp.data_ptr(), tuple(inp.shape), inp.dtype)
+            owner = seen.get(key, (name,))[0]
+            if owner != name:
+                shared[name] = owner
+                return
+            seen[key] = (name, inp)
             stats[name].add(inp.to(self.device), want_hessian)
 
         with self.capture({n: self.linears[n] for n in names}, add):
             for i in range(len(self.inputs)):
+                seen.clear()
                 self.forward_batch(i)
+        for name, owner in shared.items():
+            stats[name] = stats[owner]
         return stats
 
     # ----- local pruning --------------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""`optimum-sparse` command line: `prune`, `eval`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("optimum_sparse.cli")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub id, local folder, or alias 'smollm2-135m' (bundled GGUF).")
+    parser.add_argument("--dtype", default="auto", help="Model dtype: auto, float32, bfloat16, float16.")
+    parser.add_argument("--device-map", default=None, help="accelerate device_map for loading (e.g. 'auto').")
+
+
+def _add_eval_args(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
+    parser.add_argument("--eval-dataset", default="wiki-offline", help="Evaluation source (its held-out split).")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="Perplexity window length.")
+    parser.add_argument("--eval-windows", type=int, default=default_windows, help="At most this many windows.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..methods import available_methods
+
+    parser = argparse.ArgumentParser(prog="optimum-sparse", description="Post-training pruning of causal LMs.")
+    parser.add_argument("--log-level", default="INFO", help="Logging level (DEBUG, INFO, WARNING).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="Prune a model and save it.")
+    _add_model_args(prune)
+    prune.add_argument("--method", default="sparsegpt", choices=available_methods())
+    prune.add_argument("--sparsity", type=float, default=0.5)
+    prune.add_argument("--structure", default="unstructured", help="'unstructured' or N:M, e.g. 2:4.")
+    prune.add_argument("--dataset", default="wiki-offline", help="Calibration source (name, .txt/.jsonl path).")
+    prune.add_argument("--num-samples", type=int, default=128)
+    prune.add_argument("--seq-len", type=int, default=2048)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--device", default=None, help="Device for statistics and solves (cuda, cpu).")
+    prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
+    prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
+    prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
+    prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
+    prune.add_argument("--eval", action="store_true", help="Print dense vs pruned perplexity.")
+    _add_eval_args(prune, default_windows=None)
+
+    ev = sub.add_parser("eval", help="Perplexity of a model on held-out text.")
+    _add_model_args(ev)
+    _add_eval_args(ev, default_windows=None)
+
+    demo = sub.add_parser("demo", help="Prune the bundled SmolLM2-135M on bundled Wikipedia text; print a table.")
+    demo.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    demo.add_argument("--sparsity", type=float, default=0.5)
+    demo.add_argument("--structure", default="unstructured")
+    demo.add_argument("--num-samples", type=int, default=32)
+    demo.add_argument("--seq-len", type=int, default=512)
+    demo.add_argument("--eval-windows", type=int, default=40)
+    return parser
+
+
+def _format_table(rows: list[tuple[str, str, str, str]]) -> str:
+    header = ("model", "sparsity", "perplexity", "prune time (s)")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _load(args):
+    from ..models import load_model_and_tokenizer
+
+    kwargs = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    return load_model_and_tokenizer(args.model, dtype=getattr(args, "dtype", "auto"), **kwargs)
+
+
+def _cmd_prune(args) -> int:
+    from ..config import PruningConfig
+    from ..eval import evaluate_perplexity
+    from ..pruner import SparsePruner
+
+    overrides = dict(
+        method=args.method, sparsity=args.sparsity, structure=args.structure, dataset=args.dataset,
+        num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, ignore=args.ignore, true_sequential=args.true_sequential,
+        method_kwargs=json.loads(args.method_kwargs),
+    )
+    if args.config:
+        base = PruningConfig.from_pretrained(args.config).to_dict()
+        defaults = vars(build_parser().parse_args(["prune", "--model", "x"]))
+        base.update({k: v for k, v in overrides.items() if getattr(args, k) != defaults.get(k)})
+        config = PruningConfig.from_dict(base)
+    else:
+        config = PruningConfig(**overrides)
+    pruner = SparsePruner(config)  # validated before the (slow) model load
+    model, tokenizer = _load(args)
+    rows = []
+    evaluate = lambda: evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len,  # noqa: E731
+                                           max_windows=args.eval_windows)
+    if args.eval:
+        rows.append(("dense", "0%", f"{evaluate():.3f}", "-"))
+    started = time.perf_counter()
+    pruner.apply(model, tokenizer=tokenizer)
+    seconds = time.perf_counter() - started
+    label = config.structure if config.nm else f"{config.sparsity:.0%}"
+    if args.eval:
+        rows.append((config.method, label, f"{evaluate():.3f}", f"{seconds:.1f}"))
+        print(_format_table(rows))
+    if args.output:
+        pruner.save_pretrained(model, args.output)
+        tokenizer.save_pretrained(args.output)
+        logger.info("Saved the pruned model to %s", args.output)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from ..eval import evaluate_perplexity
+
+    model, tokenizer = _load(args)
+    ppl = evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len, max_windows=args.eval_windows)
+    print(f"perplexity ({args.eval_dataset}, {args.eval_seq_len}-token windows): {ppl:.3f}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from ..config import PruningConfig
+    from ..eval import evaluate_perplexity
+    from ..models import load_model_and_tokenizer
+    from ..pruner import SparsePruner
+
+    configs = [PruningConfig(method=m, sparsity=args.sparsity, structure=args.structure, num_samples=args.num_samples,
+                             seq_len=args.seq_len) for m in args.methods]
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate = lambda: evaluate_perplexity(model, tokenizer, "wiki-offline", 512, max_windows=args.eval_windows)  # noqa: E731
+    rows = [("SmolLM2-135M dense", "0%", f"{evaluate():.3f}", "-")]
+    for config in configs:
+        model.load_state_dict(dense_state)
+        started = time.perf_counter()
+        SparsePruner(config).apply(model, tokenizer=tokenizer)
+        seconds = time.perf_counter() - started
+        label = config.structure if config.nm else f"{config.sparsity:.0%}"
+        rows.append((config.method, label, f"{evaluate():.3f}", f"{seconds:.1f}"))
+    print(f"\nPerplexity on held-out Wikipedia text ({args.eval_windows} x 512-token windows; "
+          f"calibration {args.num_samples} x {args.seq_len} tokens):\n")
+    print(_format_table(rows))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
