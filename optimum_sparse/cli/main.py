@@ -13,6 +13,9 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("optimum_sparse.cli")
 
+# Modules with `add_parser(subparsers)` (registering a subcommand whose parser sets `func=run`) and `run(args) -> int`.
+_EXTRA_COMMANDS: list = []
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hub id, local folder, or alias 'smollm2-135m' (bundled GGUF).")
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=32)
     demo.add_argument("--seq-len", type=int, default=512)
     demo.add_argument("--eval-windows", type=int, default=40)
+
+    for module in _EXTRA_COMMANDS:  # subcommands living in their own files (push, finetune, ...)
+        module.add_parser(sub)
     return parser
 
 
@@ -159,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}
     try:
-        return commands[args.command](args)
+        return commands[args.command](args) if args.command in commands else args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as err:
         logger.error("%s", err)
         return 2
