@@ -1,0 +1,153 @@
+"""SparseLLM: exact sparsity, finite outputs and never worse than SparseGPT on each FFN, on every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optimum_sparse import PruningConfig, SparsePruner
+from optimum_sparse.engine import find_blocks, get_architecture
+from optimum_sparse.methods.sparsellm import _gauss_newton
+
+from ..helpers import TABLE_ARCHS, block_linears, make_ids, make_model, num_zeros, weight_out_in
+
+CALIB = dict(num_samples=8, seq_len=16, batch_size=4)
+
+
+def _prune(model, method, ids, **kwargs):
+    pruner = SparsePruner(PruningConfig(method=method, **CALIB, **kwargs))
+    pruner.apply(model, dataset=ids, progress=False)
+    return pruner
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("arch", TABLE_ARCHS)
+def test_sparsellm_exact_sparsity_and_never_worse_than_its_start(arch, structure):
+    model = make_model(arch)
+    ids = make_ids()
+    pruner = _prune(model, "sparsellm", ids, sparsity=0.7, structure=structure)
+    for name, module in block_linears(model).items():
+        weight = weight_out_in(module)
+        if structure == "2:4":
+            groups = (weight == 0).reshape(weight.shape[0], -1, 4).sum(-1)
+            assert torch.all(groups == 2), name
+        else:
+            assert num_zeros(module) == int(weight.numel() * 0.7 + 1e-9), name
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    blocks = pruner.report.blocks
+    assert all("ffn_error" in b for b in blocks), "every block's FFN must go through the joint solver"
+    for block in blocks:
+        assert block["ffn_error"] <= block["ffn_error_sparsegpt"] + 1e-9
+        assert block["ffn_error_history"][0] == pytest.approx(block["ffn_error_sparsegpt"])
+
+
+def _block0_ffn_input(model, ids):
+    """Block-0 FFN input of `model` (its attention already pruned)."""
+    spec = get_architecture(model)
+    up = find_blocks(model, spec)[0].get_submodule(spec.mlp.up)
+    captured = []
+
+    def hook(module, args, output):
+        captured.append(args[0].detach())
+
+    handle = up.register_forward_hook(hook)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return captured[0], spec
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "phi3"])
+def test_ffn_error_below_sparsegpt_on_same_data(arch):
+    """Block 0: both methods prune attention identically (SparseGPT), so the FFN sees the same X."""
+    ids = make_ids()
+    dense = make_model(arch)
+    errors, inputs = {}, {}
+    for method in ("sparsegpt", "sparsellm"):
+        model = make_model(arch)
+        _prune(model, method, ids, sparsity=0.8)
+        inputs[method], spec = _block0_ffn_input(model, ids)
+        errors[method] = _mlp_error(find_blocks(dense, spec)[0], find_blocks(model, spec)[0], spec, inputs[method])
+    torch.testing.assert_close(inputs["sparsellm"], inputs["sparsegpt"])
+    assert errors["sparsellm"] < errors["sparsegpt"]
+
+
+def _mlp_output(block, spec, x):
+    up = block.get_submodule(spec.mlp.up)
+    down = block.get_submodule(spec.mlp.down)
+    act = block.get_submodule(spec.mlp.activation)
+    pre = up(x)
+    if spec.mlp.fused_gate_up:
+        gate, upv = pre.chunk(2, dim=-1)
+        inner = act(gate) * upv
+    elif spec.mlp.gate is not None:
+        inner = act(block.get_submodule(spec.mlp.gate)(x)) * pre
+    else:
+        inner = act(pre)
+    return down(inner)
+
+
+def _mlp_error(dense_block, pruned_block, spec, x):
+    with torch.no_grad():
+        target = _mlp_output(dense_block, spec, x)
+        return float((target - _mlp_output(pruned_block, spec, x)).pow(2).sum() / target.pow(2).sum())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_zero_sparsity_recovers_the_dense_ffn(arch):
+    ids = make_ids()
+    model = make_model(arch)
+    with torch.no_grad():
+        before = model(ids).logits
+    _prune(model, "sparsellm", ids, sparsity=0.0)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_stay_finite(dtype):
+    ids = make_ids()
+    model = make_model("llama", dtype=dtype)
+    _prune(model, "sparsellm", ids, sparsity=0.7)
+    for name, module in block_linears(model).items():
+        assert module.weight.dtype == dtype
+        assert torch.isfinite(module.weight).all(), name
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits.float()).all()
+
+
+def test_unknown_or_bad_method_kwargs_are_refused():
+    with pytest.raises(ValueError, match="unknown SparseLLM parameters"):
+        PruningConfig(method="sparsellm", method_kwargs={"iters": 3})
+    with pytest.raises(ValueError, match="iterations"):
+        PruningConfig(method="sparsellm", method_kwargs={"iterations": -1})
+    with pytest.raises(ValueError, match="alpha"):
+        PruningConfig(method="sparsellm", method_kwargs={"alpha": 0})
+
+
+@pytest.mark.parametrize("act", [F.silu, F.gelu, lambda t: F.gelu(t, approximate="tanh")], ids=["silu", "gelu", "gelu_tanh"])
+def test_gauss_newton_never_increases_the_objective_and_decreases_it(act):
+    torch.manual_seed(0)
+    shape = (64, 48)
+    m, p, mult, v = torch.randn(shape), torch.randn(shape), torch.randn(shape), torch.randn(shape) * 2
+    alpha, gamma = torch.full((48,), 0.7), 1.3
+
+    def objective(x):
+        return alpha * (x - m).pow(2) + gamma * (p - act(x) * mult).pow(2)
+
+    out = _gauss_newton(v, m, p, mult, act, alpha, gamma, steps=5)
+    assert torch.all(objective(out) <= objective(v) + 1e-6)
+    assert objective(out).sum() < 0.8 * objective(v).sum()
+
+
+def test_more_iterations_do_not_raise_the_block_error():
+    ids = make_ids()
+    errors = []
+    for iterations in (0, 3):
+        model = make_model("llama")
+        pruner = _prune(model, "sparsellm", ids, sparsity=0.8, method_kwargs={"iterations": iterations, "refit_down": False})
+        errors.append(sum(b["ffn_error"] for b in pruner.report.blocks[:1]))
+    assert errors[1] <= errors[0] + 1e-9
