@@ -168,27 +168,30 @@ def solve_ffn(
     refit_down: bool = True,
     damping: float = 0.01,
 ) -> FFNResult:
-    """Solves one FFN jointly. `prune_in(W*, H)` / `prune_down(W*, H)` run the mask solver (SparseGPT) on a
-    least-squares target with input Hessian `H` and return `(sparse weight, mask)`."""
+    """Solves one FFN jointly.
+
+    `prune_in(W*, H)` / `prune_down(W*, H)` run the mask solver (SparseGPT) on a least-squares target with input
+    Hessian `H` and return `(sparse weight, mask)`. Each pass over the token chunks does all the work that needs
+    the activations (error of the current iterate, auxiliary updates, normal-equation sums), so an iteration
+    reads the activations once.
+    """
     storage = storage or device
     gated, act = problem.gated, problem.act
-    X = _Chunks(storage, device)
-    Y = _Chunks(storage, device)
+    X, Y, A = _Chunks(storage, device), _Chunks(storage, device), _Chunks(storage, device)  # A: pre-activations
     for x, y in zip(problem.inputs, problem.targets):
         X.append(x)
         Y.append(y - problem.b_down if problem.b_down is not None else y)
-    w_in = problem.w_in.to(device)
-    w_down = problem.w_down.to(device)
+    w_in, w_down = problem.w_in.to(device), problem.w_down.to(device)
     b_in = problem.b_in.to(device) if problem.b_in is not None else None
     f_in, d = w_in.shape
+    f, d_out = w_down.shape[1], w_down.shape[0]
 
-    # initial auxiliaries and the fixed statistics
-    A, P = _Chunks(storage, device), _Chunks(storage, device)  # A = pre-activations [s; z], P = down inputs
+    # fixed statistics, initial auxiliaries, and the energies that make α, β, γ scale-free
     H_x = torch.zeros(d, d, device=device)
-    H_p = torch.zeros(w_down.shape[1], w_down.shape[1], device=device)
-    sq = {"a": 0.0, "y": 0.0, "p": 0.0}
+    H_p = torch.zeros(f, f, device=device)
+    PY = torch.zeros(f, d_out, device=device)
     sq_a = torch.zeros(f_in, device=device)
-    numel = 0
+    y_energy, p_energy, tokens = 0.0, 0.0, 0
     for i in range(len(X)):
         x, y = X[i], Y[i]
         pre = _linear(x, w_in, b_in)
@@ -196,85 +199,89 @@ def solve_ffn(
         H_x.addmm_(x.t(), x)
         H_p.addmm_(p.t(), p)
         sq_a += pre.pow(2).sum(0)
-        sq["y"] += float(y.pow(2).sum())
-        sq["p"] += float(p.pow(2).sum())
-        numel += x.shape[0]
+        y_energy += float(y.pow(2).sum())
+        p_energy += float(p.pow(2).sum())
+        tokens += x.shape[0]
         A.append(pre)
-        P.append(p)
-    # scale-free penalties: each term divided by the mean square of its initial target
-    n_in = f_in // 2 if gated else f_in
-    a_scale = torch.cat([sq_a[:n_in].mean().expand(n_in), sq_a[n_in:].mean().expand(f_in - n_in)]) if gated else sq_a.mean().expand(f_in)
-    alpha_vec = alpha / (a_scale / numel).clamp_min(1e-12)  # per pre-activation column (gate and up apart)
-    beta_eff = beta / max(sq["y"] / (numel * w_down.shape[0]), 1e-12)
-    gamma_eff = gamma / max(sq["p"] / (numel * w_down.shape[1]), 1e-12)
-    y_energy = max(sq["y"], 1e-30)
-
-    def ffn_error(win, wdown, accumulate=False):
-        err = 0.0
-        H_act = torch.zeros_like(H_p) if accumulate else None
-        PY = torch.zeros(wdown.shape[1], wdown.shape[0], device=device) if accumulate else None
-        for i in range(len(X)):
-            p = _ffn_inner(_linear(X[i], win, b_in), act, gated)
-            y = Y[i]
-            err += float((y - p @ wdown.t()).pow(2).sum())
-            if accumulate:
-                H_act.addmm_(p.t(), p)
-                PY.addmm_(p.t(), y)
-        return err / y_energy, H_act, PY
+    halves = [f_in // 2, f_in - f_in // 2] if gated else [f_in]
+    a_scale = torch.cat([part.mean().expand(len(part)) for part in torch.split(sq_a / tokens, halves)])
+    alpha_vec = alpha / a_scale.clamp_min(1e-12)  # gate and up columns normalised apart
+    beta_eff = beta / max(y_energy / (tokens * d_out), 1e-12)
+    gamma_eff = gamma / max(p_energy / (tokens * f), 1e-12)
+    y_energy = max(y_energy, 1e-30)
 
     def least_squares(H, XT):
-        chol = damped_cholesky(H, damping)
-        return torch.cholesky_solve(XT, chol).t()
+        return torch.cholesky_solve(XT, damped_cholesky(H, damping)).t()
+
+    def down_error(w, H, PY):
+        """‖Y − P wᵀ‖² / ‖Y‖² from the sums `H = PᵀP`, `PY = PᵀY` (exact, float64)."""
+        w64 = w.double()
+        quad = float((w64 @ H.double() * w64).sum()) - 2.0 * float((w64 * PY.t().double()).sum())
+        return max(y_energy + quad, 0.0) / y_energy
 
     # iteration 0: SparseGPT on the dense weights
     cur_in, mask_in = prune_in(w_in.clone(), H_x)
     cur_down, mask_down = prune_down(w_down.clone(), H_p)
-    error, _, _ = ffn_error(cur_in, cur_down)
-    result = FFNResult(cur_in, mask_in, cur_down, mask_down, history=[error], sparsegpt_error=error, error=error)
-    logger.debug("SparseLLM iteration 0 (SparseGPT): relative FFN error %.5f", error)
+    result = FFNResult(cur_in, mask_in, cur_down, mask_down)
+
+    def record(error, label):
+        result.history.append(error)
+        if not result.history[:-1]:
+            result.sparsegpt_error = error
+        if error < result.error or math.isnan(result.error):
+            result.w_in, result.mask_in, result.w_down, result.mask_down = cur_in, mask_in, cur_down, mask_down
+            result.error, result.best = error, label
+        logger.debug("SparseLLM %s: relative FFN error %.5f", label, error)
 
     for t in range(1, iterations + 1):
-        # auxiliary updates with the current sparse weights: p (ridge), then the pre-activations
         gram = beta_eff * (cur_down.t() @ cur_down)
         gram.diagonal().add_(gamma_eff)
         chol = damped_cholesky(gram, 1e-6)
+        XA = torch.zeros(d, f_in, device=device)
+        H_p.zero_()
+        PY.zero_()
+        error = 0.0
         for i in range(len(X)):
             x, y, pre = X[i], Y[i], A[i]
-            p = torch.cholesky_solve((beta_eff * (y @ cur_down) + gamma_eff * _ffn_inner(pre, act, gated)).t(), chol).t()
             m = _linear(x, cur_in, b_in)
-            if gated:
-                s, z = _split(pre, True)
-                m_s, m_z = _split(m, True)
-                a_s, a_z = _split(alpha_vec, True)
+            error += float((y - _ffn_inner(m, act, gated) @ cur_down.t()).pow(2).sum())
+            # p: ridge between the output target and the activation constraint
+            p = torch.cholesky_solve((beta_eff * (y @ cur_down) + gamma_eff * _ffn_inner(pre, act, gated)).t(), chol).t()
+            if gated:  # z in closed form given s, then s by Gauss-Newton given z
+                (s, z), (m_s, m_z), (a_s, a_z) = _split(pre, True), _split(m, True), _split(alpha_vec, True)
                 sigma = act(s)
                 z = (a_z * m_z + gamma_eff * sigma * p) / (a_z + gamma_eff * sigma.pow(2))
                 s = _gauss_newton(s, m_s, p, z, act, a_s, gamma_eff, newton_steps)
                 pre = torch.cat([s, z], dim=-1)
             else:
                 pre = _gauss_newton(pre, m, p, 1.0, act, alpha_vec, gamma_eff, newton_steps)
-            A[i], P[i] = pre, p
-        # weight updates: least squares to the auxiliary targets, then the mask solver
-        XA = torch.zeros(d, f_in, device=device)
-        H_p.zero_()
-        PY = torch.zeros(w_down.shape[1], w_down.shape[0], device=device)
-        for i in range(len(X)):
-            x, pre, p = X[i], A[i], P[i]
+            A[i] = pre
             XA.addmm_(x.t(), pre - b_in if b_in is not None else pre)
             H_p.addmm_(p.t(), p)
-            PY.addmm_(p.t(), Y[i])
+            PY.addmm_(p.t(), y)
+        record(error / y_energy, "sparsegpt" if t == 1 else f"iteration {t - 1}")
+        # weights: least squares to the auxiliary targets, then the mask solver on that target
         cur_in, mask_in = prune_in(least_squares(H_x, XA), H_x)
         cur_down, mask_down = prune_down(least_squares(H_p, PY), H_p)
-        error, _, _ = ffn_error(cur_in, cur_down)
-        result.history.append(error)
-        logger.debug("SparseLLM iteration %d: relative FFN error %.5f", t, error)
-        if error < result.error:
-            result.w_in, result.mask_in, result.w_down, result.mask_down = cur_in, mask_in, cur_down, mask_down
-            result.error, result.best = error, f"iteration {t}"
 
+    # error of the last iterate, with the sums that refit its down projection on the actual activations
+    H_p.zero_()
+    PY.zero_()
+    for i in range(len(X)):
+        p = _ffn_inner(_linear(X[i], cur_in, b_in), act, gated)
+        H_p.addmm_(p.t(), p)
+        PY.addmm_(p.t(), Y[i])
+    record(down_error(cur_down, H_p, PY), "sparsegpt" if iterations == 0 else f"iteration {iterations}")
     if refit_down:
-        _, H_act, PY = ffn_error(result.w_in, result.w_down, accumulate=True)
-        w, mask = prune_down(least_squares(H_act, PY), H_act)
-        error, _, _ = ffn_error(result.w_in, w)
+        if result.w_in is not cur_in:  # an earlier iterate won: its sums are needed
+            H_p.zero_()
+            PY.zero_()
+            for i in range(len(X)):
+                p = _ffn_inner(_linear(X[i], result.w_in, b_in), act, gated)
+                H_p.addmm_(p.t(), p)
+                PY.addmm_(p.t(), Y[i])
+        w, mask = prune_down(least_squares(H_p, PY), H_p)
+        error = down_error(w, H_p, PY)
         result.history.append(error)
         if error < result.error:
             result.w_down, result.mask_down, result.error = w, mask, error
