@@ -46,7 +46,7 @@ _DEFAULTS = {
     "alpha": 1.0,
     "beta": 1.0,
     "gamma": 1.0,
-    "newton_steps": 3,
+    "newton_steps": 2,
     "refit_down": True,
     "chunk_tokens": 8192,
     "activation_device": None,
@@ -108,30 +108,30 @@ def _linear(x, w, b):
 
 
 def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps):
-    """Element-wise minimiser of α(v − m)² + γ(p − φ(v)·mult)², starting at v; never increases the objective."""
-    def objective(x):
-        return alpha * (x - m).pow(2) + gamma * (p - act(x) * mult).pow(2)
+    """Element-wise minimiser of α(v − m)² + γ(p − φ(v)·mult)², starting at v; never increases the objective.
+
+    Each step is a Gauss-Newton step (curvature 2α + 2γ(φ'·mult)² > 0) tried at full and half length; an element
+    keeps its old value where neither lowers its objective.
+    """
+    def objective(x, phi):
+        return alpha * (x - m).pow(2) + gamma * (p - phi * mult).pow(2)
 
     for _ in range(steps):
         x = v.detach().requires_grad_(True)
         with torch.enable_grad():
             phi = act(x)
-            (dphi,) = torch.autograd.grad(phi.sum(), x)
+            (dphi,) = torch.autograd.grad(phi, x, torch.ones_like(phi))
         phi = phi.detach()
-        residual = p - phi * mult
-        grad = 2 * alpha * (v - m) - 2 * gamma * residual * dphi * mult
-        curvature = 2 * alpha + 2 * gamma * (dphi * mult).pow(2)
-        step = grad / curvature
-        current = objective(v)
-        scale = torch.ones_like(v)
-        for _ in range(4):  # backtracking, element-wise
+        current = objective(v, phi)
+        slope = dphi * mult
+        step = (alpha * (v - m) - gamma * (p - phi * mult) * slope) / (alpha + gamma * slope.pow(2))
+        best, best_obj = v, current
+        for scale in (1.0, 0.5):
             candidate = v - scale * step
-            worse = objective(candidate) > current
-            if not worse.any():
-                break
-            scale = torch.where(worse, scale * 0.5, scale)
-        candidate = v - scale * step
-        v = torch.where(objective(candidate) <= current, candidate, v)
+            obj = objective(candidate, act(candidate))
+            better = obj < best_obj
+            best, best_obj = torch.where(better, candidate, best), torch.where(better, obj, best_obj)
+        v = best
     return v
 
 
@@ -164,7 +164,7 @@ def solve_ffn(
     alpha: float = 1.0,
     beta: float = 1.0,
     gamma: float = 1.0,
-    newton_steps: int = 3,
+    newton_steps: int = 2,
     refit_down: bool = True,
     damping: float = 0.01,
 ) -> FFNResult:
@@ -300,7 +300,7 @@ def _resolve(block: nn.Module, path: str):
 class SparseLLMPruning(PruningMethod):
     """SparseLLM: attention by SparseGPT, each FFN solved jointly (see the module docstring).
 
-    `method_kwargs`: `iterations` (2), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (3),
+    `method_kwargs`: `iterations` (2), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (2),
     `refit_down` (True), `chunk_tokens` (8192), `activation_device` (auto: the solve device when the FFN
     activations fit in a quarter of its free memory, else CPU).
     """
