@@ -34,6 +34,8 @@ class MLPSpec:
         gate: the gate projection of a gated MLP (SwiGLU/GeGLU), `None` for plain MLPs or fused layouts.
         activation: dotted path of the activation module/function, relative to the block.
         fused_gate_up: `up` holds `[gate; up]` stacked on the output dimension (Phi-3).
+        adds_to_residual: the FFN output is added unchanged to the block output (no norm after the FFN, as in
+            Gemma 2/3's `post_feedforward_layernorm`, and no post-LN block).
     """
 
     down: str
@@ -41,6 +43,7 @@ class MLPSpec:
     gate: Optional[str] = None
     activation: str = "mlp.act_fn"
     fused_gate_up: bool = False
+    adds_to_residual: bool = True
 
     @property
     def gated(self) -> bool:
@@ -71,14 +74,20 @@ _LLAMA_LIKE = ArchitectureSpec(
     mlp=MLPSpec(down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", activation="mlp.act_fn"),
 )
 
+_GEMMA_POST_NORM = ArchitectureSpec(
+    blocks=_LLAMA_LIKE.blocks,
+    groups=_LLAMA_LIKE.groups,
+    mlp=MLPSpec(down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", activation="mlp.act_fn", adds_to_residual=False),
+)
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
     "phi3": ArchitectureSpec(
         blocks="model.layers",
         groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),

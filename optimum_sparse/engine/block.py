@@ -95,9 +95,12 @@ class BlockJob:
 
     # ----- forward passes -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward_batch(self, i: int) -> torch.Tensor:
-        """Runs the block on calibration batch `i` and returns its output hidden states (on `device`)."""
-        hidden = self.inputs.hidden[i].to(self.device)
+    def forward_batch(self, i: int, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Runs the block on calibration batch `i` and returns its output hidden states (on `device`).
+
+        `hidden` replaces the batch's hidden states (e.g. the dense model's stream), keeping its other arguments.
+        """
+        hidden = (self.inputs.hidden[i] if hidden is None else hidden).to(self.device)
         args = move_to(self.inputs.args[i], self.device)
         kwargs = move_to(self.inputs.kwargs[i], self.device)
         return _first(self.block(hidden, *args, **kwargs))

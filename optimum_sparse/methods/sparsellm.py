@@ -322,13 +322,16 @@ class SparseLLMPruning(PruningMethod):
         for key in ("alpha", "beta", "gamma"):
             if not isinstance(kw[key], (int, float)) or not kw[key] > 0:
                 raise ValueError(f"method_kwargs[{key!r}] must be a positive number, got {kw[key]!r}.")
-        if kw["ffn_target"] not in ("dense_ffn",):
-            raise ValueError(f"method_kwargs['ffn_target'] must be 'dense_ffn', got {kw['ffn_target']!r}.")
+        if kw["ffn_target"] not in ("dense_ffn", "dense_model"):
+            raise ValueError(
+                f"method_kwargs['ffn_target'] must be 'dense_ffn' or 'dense_model', got {kw['ffn_target']!r}."
+            )
 
     def __init__(self, config):
         super().__init__(config)
         self.options = {**_DEFAULTS, **config.method_kwargs}
         self.local = SparseGPTPruning(config)
+        self._dense_stream: Optional[tuple[int, list]] = None  # (block index, dense model's block outputs)
 
     def prune_weight(self, weight, stats, sparsity):
         return self.local.prune_weight(weight, stats, sparsity)
@@ -342,7 +345,21 @@ class SparseLLMPruning(PruningMethod):
             return None
         return names
 
+    def _dense_outputs(self, job) -> list:
+        """Outputs of this block, still dense, on the dense model's own stream (advanced block by block)."""
+        stream = self._dense_stream
+        if job.index == 0 or stream is None or stream[0] != job.index - 1:
+            if job.index != 0:
+                logger.warning("Block %d: the dense stream restarts here (a block was skipped).", job.index)
+            hidden = job.inputs.hidden
+        else:
+            hidden = stream[1]
+        outputs = [job.forward_batch(i, hidden[i]).to(hidden[i].device) for i in range(len(job.inputs))]
+        self._dense_stream = (job.index, outputs)
+        return outputs
+
     def prune_block(self, job) -> None:
+        dense_outputs = self._dense_outputs(job) if self.options["ffn_target"] == "dense_model" else None
         names = self._ffn_names(job)
         if names is None:
             logger.warning("Block %d: no known FFN layout among the targets; pruning it with SparseGPT.", job.index)
@@ -353,10 +370,10 @@ class SparseLLMPruning(PruningMethod):
         others = [n for n in job.linears if n not in ffn]
         if others:
             job.prune_locally(self.local, names=others)
-        self._prune_ffn(job, gate, up, down)
+        self._prune_ffn(job, gate, up, down, dense_outputs)
 
     @torch.no_grad()
-    def _prune_ffn(self, job, gate: Optional[str], up: str, down: str) -> None:
+    def _prune_ffn(self, job, gate: Optional[str], up: str, down: str, dense_outputs: Optional[list] = None) -> None:
         opts, cfg, device = self.options, self.config, job.device
         mlp = job.spec.mlp
         act = _resolve(job.block, mlp.activation)
@@ -371,9 +388,19 @@ class SparseLLMPruning(PruningMethod):
             t = inp if name == "up" else out
             captured[name].append(t.reshape(-1, t.shape[-1]).to(storage, torch.float32))
 
+        if dense_outputs is not None and not (mlp.adds_to_residual and getattr(job.block, "do_layer_norm_before", True)):
+            logger.warning("Block %d: the FFN output is normalised before the residual; using ffn_target='dense_ffn'.",
+                           job.index)
+            dense_outputs = None
+        corrections = []
         with job.capture(modules, grab):
             for i in range(len(job.inputs)):
-                job.forward_batch(i)
+                out = job.forward_batch(i)
+                if dense_outputs is not None:
+                    # the dense model's block output minus this block's: the FFN is asked to make up for the
+                    # pruned attention and for the error carried in from earlier blocks
+                    delta = dense_outputs[i].to(out.device) - out
+                    corrections.append(delta.reshape(-1, delta.shape[-1]).to(storage, torch.float32))
         X, Y = self._rechunk(torch.cat(captured["up"])), self._rechunk(torch.cat(captured["down"]))
         del captured
 
@@ -389,6 +416,9 @@ class SparseLLMPruning(PruningMethod):
                            job.index, "gated" if gated else "plain")
             job.prune_locally(self.local, names=[n for n in (gate, up, down) if n is not None])
             return
+        if corrections:
+            problem.targets = [y + c for y, c in zip(Y, self._rechunk(torch.cat(corrections)))]
+        del corrections
 
         in_names = [gate, up] if gate is not None else [up]
         rows = [w.shape[0] for w in ([w_gate, w_up] if gate is not None else [w_up])]

@@ -151,3 +151,33 @@ def test_more_iterations_do_not_raise_the_block_error():
         pruner = _prune(model, "sparsellm", ids, sparsity=0.8, method_kwargs={"iterations": iterations, "refit_down": False})
         errors.append(sum(b["ffn_error"] for b in pruner.report.blocks[:1]))
     assert errors[1] <= errors[0] + 1e-9
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma2"])
+def test_dense_model_target_prunes_exactly_and_stays_finite(arch):
+    """`ffn_target='dense_model'` asks each FFN to make up for the error carried in from earlier blocks; on Gemma 2
+    (post-FFN norm) it falls back to the dense-FFN target."""
+    ids = make_ids()
+    model = make_model(arch, num_layers=3)
+    pruner = _prune(model, "sparsellm", ids, sparsity=0.6, method_kwargs={"ffn_target": "dense_model"})
+    for name, module in block_linears(model).items():
+        assert num_zeros(module) == int(weight_out_in(module).numel() * 0.6 + 1e-9), name
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    for block in pruner.report.blocks:
+        assert block["ffn_error"] <= block["ffn_error_sparsegpt"] + 1e-9
+
+
+def test_dense_model_target_lowers_the_output_error_on_calibration_data():
+    ids = make_ids(16, 32)
+    dense = make_model("opt", num_layers=4)
+    with torch.no_grad():
+        reference = dense(ids).logits
+    errors = {}
+    for target in ("dense_ffn", "dense_model"):
+        model = make_model("opt", num_layers=4)
+        SparsePruner(PruningConfig(method="sparsellm", sparsity=0.7, num_samples=16, seq_len=32,
+                                   method_kwargs={"ffn_target": target})).apply(model, dataset=ids, progress=False)
+        with torch.no_grad():
+            errors[target] = float((model(ids).logits - reference).pow(2).mean())
+    assert errors["dense_model"] < errors["dense_ffn"]
