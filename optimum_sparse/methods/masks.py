@@ -20,12 +20,22 @@ def num_pruned(numel: int, sparsity: float) -> int:
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float, count: Optional[int] = None) -> torch.Tensor:
-    """Removes exactly `count` (default `num_pruned(numel, sparsity)`) lowest scores over the whole tensor."""
+    """Removes exactly `count` (default `num_pruned(numel, sparsity)`) lowest scores over the whole tensor.
+
+    Selection by `kthvalue` (linear time); ties at the threshold are broken by position.
+    """
     k = num_pruned(scores.numel(), sparsity) if count is None else count
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.topk(scores.flatten(), k, largest=False).indices
-        mask[idx] = True
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values
+    mask = flat < threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = torch.nonzero(flat == threshold).flatten()[:missing]
+        mask[ties] = True
     return mask.view_as(scores)
 
 

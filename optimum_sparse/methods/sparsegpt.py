@@ -15,7 +15,14 @@ from .base import PruningMethod, register_method
 from .linalg import inverse_cholesky_upper, prepare_hessian
 from .masks import layer_mask, nm_mask, num_pruned
 
-__all__ = ["SparseGPTPruning", "sparsegpt_prune"]
+__all__ = ["SparseGPTPruning", "sparsegpt_prune", "sparsegpt_factor"]
+
+
+def sparsegpt_factor(hessian: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(upper Cholesky factor of H⁻¹, dead-input mask)`: reusable for every weight pruned on the same `hessian`."""
+    dead = torch.diag(hessian) == 0
+    H = prepare_hessian(hessian, torch.empty(0, hessian.shape[0], device=hessian.device))
+    return inverse_cholesky_upper(H, damping), dead
 
 
 def sparsegpt_prune(
@@ -25,6 +32,7 @@ def sparsegpt_prune(
     nm: Optional[tuple[int, int]] = None,
     block_size: int = 128,
     damping: float = 0.01,
+    factor: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prunes `weight` (`[out, in]`) against the input Hessian `hessian` (`[in, in]`).
 
@@ -38,15 +46,15 @@ def sparsegpt_prune(
         nm (`tuple[int, int]`, *optional*): N:M structure.
         block_size (`int`): columns processed per lazy batch.
         damping (`float`): relative damping (fraction of the mean diagonal), escalated on failure.
+        factor (`tuple`, *optional*): `sparsegpt_factor(hessian, damping)`, when several weights share `hessian`.
 
     Returns:
         `(weight, mask)` with `mask == True` where weights were removed; removed weights are exactly `+0.0`.
     """
     W = weight.to(torch.float32).clone()
     rows, cols = W.shape
-    H = prepare_hessian(hessian, W)
-    Hinv = inverse_cholesky_upper(H, damping)
-    del H
+    Hinv, dead = factor if factor is not None else sparsegpt_factor(hessian, damping)
+    W[:, dead] = 0.0
     total = num_pruned(W.numel(), sparsity)
     mask = torch.zeros_like(W, dtype=torch.bool)
 
@@ -91,7 +99,13 @@ class SparseGPTPruning(PruningMethod):
     name = "sparsegpt"
     stats = "hessian"
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._last_factor: Optional[tuple] = None  # (hessian, factor): q/k/v and gate/up share one Hessian
+
     def prune_weight(self, weight, stats, sparsity):
+        if self._last_factor is None or self._last_factor[0] is not stats.hessian:
+            self._last_factor = (stats.hessian, sparsegpt_factor(stats.hessian, self.config.damping))
         return sparsegpt_prune(
             weight,
             stats.hessian,
@@ -99,4 +113,5 @@ class SparseGPTPruning(PruningMethod):
             nm=self.config.nm,
             block_size=self.config.block_size,
             damping=self.config.damping,
+            factor=self._last_factor[1],
         )

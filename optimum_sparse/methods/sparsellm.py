@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .base import PruningMethod, register_method
 from .linalg import damped_cholesky
-from .sparsegpt import SparseGPTPruning, sparsegpt_prune
+from .sparsegpt import SparseGPTPruning, sparsegpt_factor, sparsegpt_prune
 from ..engine.linears import read_weight
 
 __all__ = ["SparseLLMPruning", "FFNProblem", "solve_ffn"]
@@ -423,13 +423,18 @@ class SparseLLMPruning(PruningMethod):
         in_names = [gate, up] if gate is not None else [up]
         rows = [w.shape[0] for w in ([w_gate, w_up] if gate is not None else [w_up])]
 
-        def sgpt(weight, hessian, name):
-            return sparsegpt_prune(weight, hessian, job.sparsity_for(job.full_name(name)), cfg.nm, cfg.block_size, cfg.damping)
+        def sgpt(weight, hessian, name, factor=None):
+            return sparsegpt_prune(weight, hessian, job.sparsity_for(job.full_name(name)), cfg.nm, cfg.block_size,
+                                   cfg.damping, factor=factor)
+
+        input_factor = []  # XᵀX never changes: factor it once for every input-side prune
 
         def prune_in(weight, hessian):
+            if not input_factor:
+                input_factor.append(sparsegpt_factor(hessian, cfg.damping))
             parts, masks, start = [], [], 0
             for name, r in zip(in_names, rows):
-                w, m = sgpt(weight[start : start + r], hessian, name)
+                w, m = sgpt(weight[start : start + r], hessian, name, input_factor[0])
                 parts.append(w)
                 masks.append(m)
                 start += r
