@@ -136,6 +136,8 @@ def get_calibration_ids(source: Any, tokenizer: Any, num_samples: int, seq_len: 
     """Returns calibration token ids `[num_samples, seq_len]` (pre-tokenized sources: exactly as given)."""
     ids = _as_input_ids(source)
     if ids is None:
+        if tokenizer is None:  # before loading (or downloading) any text
+            raise ValueError("A tokenizer is required to tokenize text calibration data (pass tokenizer=...).")
         ids = sample_windows(tokenize_texts(load_texts(source, "calibration"), tokenizer), num_samples, seq_len, seed)
     if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
         raise CalibrationError(f"input_ids must lie in [0, {vocab_size}); got values in [{int(ids.min())}, {int(ids.max())}].")

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 from ..utils import matches_any
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
 from .block import BlockJob, LayerReport
-from .capture import BlockInputs, capture_block_inputs
-from .devices import onload_block, solve_device
+from .capture import BlockInputs, block_kinds, capture_block_inputs
+from .devices import is_offloaded, onload_block, solve_device
 from .linears import in_features, is_linear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +52,14 @@ class PruningReport:
         }
 
 
+def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """`matches_any`, where a class name also matches subclasses (Falcon's `FalconLinear` is a `Linear`)."""
+    if matches_any(name, module, patterns):
+        return True
+    bases = {cls.__name__ for cls in type(module).__mro__[1:]}
+    return any(pattern in bases for pattern in patterns)
+
+
 def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", spec: ArchitectureSpec) -> dict[str, nn.Module]:
     """Target linears of a block, `{name relative to block: module}`, in the table's forward order."""
     found = {}
@@ -59,7 +67,7 @@ def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", 
         if not name or not is_linear(module):
             continue
         full = f"{prefix}.{name}"
-        if matches_any(full, module, config.targets) and not matches_any(full, module, config.ignore):
+        if _matches(full, module, config.targets) and not _matches(full, module, config.ignore):
             found[name] = module
     order = {name: i for i, name in enumerate(spec.linear_names)}
     return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
@@ -69,6 +77,11 @@ def check_targets(model: nn.Module, config: "PruningConfig") -> tuple[Architectu
     """Validates the model against the config before any weight changes; returns the spec, blocks, targets."""
     spec = get_architecture(model)
     blocks = find_blocks(model, spec)
+    if any(is_offloaded(block) for block in blocks):
+        from .offload import onload_offloaded_block
+
+        with onload_offloaded_block(blocks[0], torch.device("cpu")):  # raises OffloadNotSupportedError
+            pass
     targets = [find_target_linears(block, f"{spec.blocks}.{i}", config, spec) for i, block in enumerate(blocks)]
     if not any(targets):
         raise ValueError(
@@ -106,6 +119,7 @@ def run_sequential(
         progress: show a progress bar over blocks.
     """
     spec, blocks, targets = check_targets(model, config)
+    kinds = block_kinds(model, len(blocks))
     sparsity_for = sparsity_for or (lambda name: config.sparsity)
     report = PruningReport(method=config.method)
     started = time.perf_counter()
@@ -116,7 +130,10 @@ def run_sequential(
         if method.needs_calibration:
             if input_ids is None:
                 raise ValueError(f"Method {config.method!r} needs calibration data.")
-            inputs = capture_block_inputs(model, blocks[0], input_ids, config.batch_size)
+            first_of_kind = {}
+            for kind, block in zip(kinds, blocks):
+                first_of_kind.setdefault(kind, block)
+            inputs = capture_block_inputs(model, blocks[0], input_ids, config.batch_size, kinds=first_of_kind)
         bar = tqdm(total=len(blocks), desc=f"Pruning ({config.method})", unit="block", disable=not progress)
         for index, block in enumerate(blocks):
             device = solve_device(block, config.device)
@@ -124,7 +141,7 @@ def run_sequential(
             with onload_block(block, device):
                 job = BlockJob(
                     block, index, f"{spec.blocks}.{index}", spec, targets[index],
-                    inputs if inputs is not None else BlockInputs(), device, config, sparsity_for,
+                    inputs.for_kind(kinds[index]) if inputs is not None else BlockInputs(), device, config, sparsity_for,
                 )
                 if targets[index]:
                     method.prune_block(job)
