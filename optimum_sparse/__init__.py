@@ -13,7 +13,18 @@ from .version import __version__
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
+_LAZY = {"merge_and_unload_sparse": "integrations.peft", "mask_lora_updates": "integrations.peft"}  # imports peft
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError",
     "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
+    "merge_and_unload_sparse", "mask_lora_updates",
 ]

@@ -17,6 +17,9 @@ logger = logging.getLogger("optimum_sparse.cli")
 from . import push as _push  # noqa: E402
 
 _EXTRA_COMMANDS: list = [_push]
+from . import finetune as _finetune  # noqa: E402
+
+_EXTRA_COMMANDS.append(_finetune)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
