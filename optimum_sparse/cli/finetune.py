@@ -93,13 +93,15 @@ def card_section(info: dict) -> str:
         f"| LoRA | r={lora['r']}, alpha={lora['lora_alpha']:g}, dropout={lora['lora_dropout']:g}, "
         f"targets {', '.join(lora['target_modules'])} |",
         f"| masked during training | {'yes' if info['masked_training'] else 'no (masked at merge only)'} |",
-        f"| data | {train['dataset']} (calibration split), {train['steps']} steps x {train['batch_size']} x "
+        f"| data | {train['dataset']} ({train.get('split', 'calibration split')}), {train['steps']} steps x "
+        f"{train['batch_size']} x "
         f"{train['seq_len']} tokens |",
         f"| optimizer | AdamW, lr {train['learning_rate']:g}, warm-up then cosine decay, seed {train['seed']} |",
         f"| training time | {train['seconds']:.0f} s |",
     ]
     if ppl.get("finetuned") is not None:
-        lines += ["", f"Perplexity on {ppl['dataset']} held-out text ({ppl['windows']} x {ppl['seq_len']}-token windows):",
+        held_out = "held-out text" if ppl.get("held_out", True) else "text"
+        lines += ["", f"Perplexity on {ppl['dataset']} {held_out} ({ppl['windows']} x {ppl['seq_len']}-token windows):",
                   "", "| model | perplexity |", "|---|---|"]
         if ppl.get("dense") is not None:
             lines.append(f"| dense (from the pruning record) | {ppl['dense']:.3f} |")
@@ -164,8 +166,10 @@ def _finish_folder(folder: str, source_readme: Optional[str], info: dict) -> Non
     if not os.path.isfile(readme):
         with open(readme, "w", encoding="utf-8") as f:
             f.write(_fallback_card(info))
-    with open(readme, "a", encoding="utf-8") as f:
-        f.write(card_section(info))
+    with open(readme, encoding="utf-8") as f:
+        content = f.read().rstrip("\n")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(content + "\n" + card_section(info))
     with open(os.path.join(folder, FINETUNE_RECORD_NAME), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
@@ -240,6 +244,7 @@ def run(args) -> int:
         evals = result.evaluations
         dense = getattr(record, "perplexity", None) or {}
         ppl = {"dataset": args.eval_dataset, "seq_len": args.eval_seq_len, "windows": args.eval_windows,
+               "held_out": not os.path.isfile(args.eval_dataset),
                "dense": dense.get("dense") if dense.get("dataset") == args.eval_dataset else None,
                "pruned": evals[0]["value"], "finetuned": evaluate(merged),
                "per_step": [{"step": e["step"], "perplexity": e["value"]} for e in evals]}
@@ -247,7 +252,8 @@ def run(args) -> int:
         "base": args.model, "masked_training": not args.no_mask_training,
         "lora": {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                  "target_modules": targets},
-        "training": {"dataset": args.dataset if isinstance(args.dataset, str) else "custom", "steps": result.steps,
+        "training": {"dataset": args.dataset, "steps": result.steps,
+                     "split": "whole file" if os.path.isfile(args.dataset) else "calibration split",
                      "batch_size": args.batch_size, "seq_len": args.seq_len, "learning_rate": args.learning_rate,
                      "seed": args.seed, "seconds": result.seconds, "first_loss": result.losses[0],
                      "last_loss": result.losses[-1]},

@@ -169,11 +169,11 @@ def test_training_loss_decreases():
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     mask_lora_updates(peft_model)
     ids = make_ids(num_samples=4)
-    result = finetune(peft_model, ids, steps=25, batch_size=4, learning_rate=3e-2, warmup_steps=1, progress=False,
-                      eval_fn=lambda m: float(m(input_ids=ids, labels=ids).loss), eval_every=25)
-    assert result.steps == 25 and len(result.losses) == 25
-    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.1
-    assert [e["step"] for e in result.evaluations] == [0, 25]
+    result = finetune(peft_model, ids, steps=12, batch_size=4, learning_rate=3e-2, warmup_steps=1, progress=False,
+                      eval_fn=lambda m: float(m(input_ids=ids, labels=ids).loss), eval_every=12)
+    assert result.steps == 12 and len(result.losses) == 12
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.1
+    assert [e["step"] for e in result.evaluations] == [0, 12]
     assert result.evaluations[-1]["value"] < result.evaluations[0]["value"]
 
 
