@@ -119,8 +119,12 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.damping, (int, float)) or not self.damping > 0:
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping > 0:
             raise ValueError(f"PruningConfig.damping must be a positive float, got {self.damping!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"PruningConfig.seed must be an integer, got {self.seed!r}.")
+        if not isinstance(self.true_sequential, bool):
+            raise ValueError(f"PruningConfig.true_sequential must be True or False, got {self.true_sequential!r}.")
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -86,10 +86,22 @@ def test_non_positive_ints_name_field(field, value):
         PruningConfig(**{field: value})
 
 
-@pytest.mark.parametrize("damping", [0, -0.01, "0.01"])
+@pytest.mark.parametrize("damping", [0, -0.01, "0.01", True, float("nan")])
 def test_damping_must_be_positive(damping):
     with pytest.raises(ValueError, match=r"PruningConfig\.damping"):
         PruningConfig(damping=damping)
+
+
+@pytest.mark.parametrize("seed", ["0", 1.5, None, True])
+def test_seed_must_be_int(seed):
+    with pytest.raises(ValueError, match=r"PruningConfig\.seed must be an integer"):
+        PruningConfig(seed=seed)
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, None])
+def test_true_sequential_must_be_bool(value):
+    with pytest.raises(ValueError, match=r"PruningConfig\.true_sequential must be True or False"):
+        PruningConfig(true_sequential=value)
 
 
 def test_block_size_must_divide_by_m():
