@@ -67,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(ev, default_windows=None)
 
     demo = sub.add_parser("demo", help="Prune the bundled SmolLM2-135M on bundled Wikipedia text; print a table.")
-    demo.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
-    demo.add_argument("--sparsity", type=float, default=0.5)
+    demo.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "sparsellm"])
+    demo.add_argument("--sparsity", type=float, default=0.6)
     demo.add_argument("--structure", default="unstructured")
-    demo.add_argument("--num-samples", type=int, default=32)
+    demo.add_argument("--num-samples", type=int, default=16)
     demo.add_argument("--seq-len", type=int, default=512)
-    demo.add_argument("--eval-windows", type=int, default=40)
+    demo.add_argument("--eval-windows", type=int, default=20)
 
     for module in _EXTRA_COMMANDS:  # subcommands living in their own files (push, finetune, ...)
         module.add_parser(sub)
