@@ -37,14 +37,16 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
 def matches_any(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
     """True when a module matches one of `patterns`.
 
-    A pattern is a class name (`"Linear"`), a dotted name suffix (`"mlp.down_proj"`, matched on whole
-    components), or a regex prefixed with `re:` (searched in the full module name).
+    A pattern is a class name (`"Linear"`, which also matches subclasses such as Falcon's `FalconLinear`), a dotted
+    name suffix (`"mlp.down_proj"`, matched on whole components), or a regex prefixed with `re:` (searched in the full
+    module name).
     """
+    class_names = {cls.__name__ for cls in type(module).__mro__}
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], name):
                 return True
-        elif pattern == type(module).__name__:
+        elif pattern in class_names:
             return True
         elif name == pattern or name.endswith("." + pattern):
             return True

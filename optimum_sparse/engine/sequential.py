@@ -52,14 +52,6 @@ class PruningReport:
         }
 
 
-def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
-    """`matches_any`, where a class name also matches subclasses (Falcon's `FalconLinear` is a `Linear`)."""
-    if matches_any(name, module, patterns):
-        return True
-    bases = {cls.__name__ for cls in type(module).__mro__[1:]}
-    return any(pattern in bases for pattern in patterns)
-
-
 def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", spec: ArchitectureSpec) -> dict[str, nn.Module]:
     """Target linears of a block, `{name relative to block: module}`, in the table's forward order."""
     found = {}
@@ -67,7 +59,7 @@ def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", 
         if not name or not is_linear(module):
             continue
         full = f"{prefix}.{name}"
-        if _matches(full, module, config.targets) and not _matches(full, module, config.ignore):
+        if matches_any(full, module, config.targets) and not matches_any(full, module, config.ignore):
             found[name] = module
     order = {name: i for i, name in enumerate(spec.linear_names)}
     return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
