@@ -107,32 +107,104 @@ def _linear(x, w, b):
     return out + b if b is not None else out
 
 
-def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps):
+def _silu_with_slope(x):
+    sig = torch.sigmoid(x)
+    phi = x * sig
+    return phi, sig * (1.0 + x * (1.0 - sig))
+
+
+def _relu_with_slope(x):
+    positive = x > 0
+    return x * positive, positive.to(x.dtype)
+
+
+def _gelu_with_slope(x):
+    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    return x * cdf, cdf + x * torch.exp(-0.5 * x * x) * 0.3989422804014327
+
+
+def _autograd_with_slope(act):
+    def value_and_slope(x):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            phi = act(x)
+            (slope,) = torch.autograd.grad(phi, x, torch.ones_like(phi))
+        return phi.detach(), slope
+
+    return value_and_slope
+
+
+def _value_and_slope(act):
+    """`x -> (φ(x), φ'(x))`: closed forms for SiLU, ReLU and erf-GELU (checked against `act` on a probe), autograd
+    for any other activation."""
+    probe = torch.linspace(-6.0, 6.0, 97, dtype=torch.float32)
+    reference = act(probe)
+    for closed_form in (_silu_with_slope, _relu_with_slope, _gelu_with_slope):
+        if torch.allclose(closed_form(probe)[0], reference, atol=1e-6, rtol=1e-5):
+            return closed_form
+    return _autograd_with_slope(act)
+
+
+def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps, rows_per_chunk=1024):
     """Element-wise minimiser of α(v − m)² + γ(p − φ(v)·mult)², starting at v; never increases the objective.
 
     Each step is a Gauss-Newton step (curvature 2α + 2γ(φ'·mult)² > 0) tried at full and half length; an element
-    keeps its old value where neither lowers its objective.
+    keeps its old value where neither lowers its objective. Rows are processed in chunks so the temporaries stay
+    small.
     """
-    def objective(x, phi):
-        return alpha * (x - m).pow(2) + gamma * (p - phi * mult).pow(2)
+    value_and_slope = _value_and_slope(act)
+    scalar_mult = not torch.is_tensor(mult)
+    out = torch.empty_like(v)
+    for start in range(0, v.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        vc, mc, pc = v[rows], m[rows], p[rows]
+        kc = mult if scalar_mult else mult[rows]
+        for _ in range(steps):
+            phi, slope = value_and_slope(vc)
+            dv = vc - mc
+            residual = pc - phi * kc
+            slope = slope * kc
+            best_obj = alpha * dv * dv + gamma * residual * residual
+            step = (alpha * dv - gamma * residual * slope) / (alpha + gamma * slope * slope)
+            best = vc
+            for scale in (1.0, 0.5):
+                candidate = vc - scale * step
+                dc = candidate - mc
+                rc = pc - act(candidate) * kc
+                obj = alpha * dc * dc + gamma * rc * rc
+                better = obj < best_obj
+                best, best_obj = torch.where(better, candidate, best), torch.where(better, obj, best_obj)
+            vc = best
+        out[rows] = vc
+    return out
 
-    for _ in range(steps):
-        x = v.detach().requires_grad_(True)
-        with torch.enable_grad():
-            phi = act(x)
-            (dphi,) = torch.autograd.grad(phi, x, torch.ones_like(phi))
-        phi = phi.detach()
-        current = objective(v, phi)
-        slope = dphi * mult
-        step = (alpha * (v - m) - gamma * (p - phi * mult) * slope) / (alpha + gamma * slope.pow(2))
-        best, best_obj = v, current
-        for scale in (1.0, 0.5):
-            candidate = v - scale * step
-            obj = objective(candidate, act(candidate))
-            better = obj < best_obj
-            best, best_obj = torch.where(better, candidate, best), torch.where(better, obj, best_obj)
-        v = best
-    return v
+
+class _RidgeSolver:
+    """Row-wise `r ↦ r (βWᵀW + γI)⁻¹` for `W` of shape `[d, f]`.
+
+    When `d < f` (every FFN) it uses the Woodbury identity
+    `(γI + βWᵀW)⁻¹ = (I − Wᵀ(γ/β·I + WWᵀ)⁻¹W)/γ`: a d×d factorization and two `[n, d] × [d, f]` products per
+    chunk instead of two f×f triangular solves.
+    """
+
+    def __init__(self, w: torch.Tensor, beta: float, gamma: float):
+        self.gamma = gamma
+        w64 = w.double()
+        self.woodbury = w.shape[0] < w.shape[1]
+        if self.woodbury:
+            small = w64 @ w64.t()
+            small.diagonal().add_(gamma / beta)
+            self.w = w
+            self.k_inv_w = torch.cholesky_solve(w64, torch.linalg.cholesky(small)).to(w.dtype)
+        else:
+            gram = beta * (w64.t() @ w64)
+            gram.diagonal().add_(gamma)
+            self.chol = torch.linalg.cholesky(gram).to(w.dtype)
+
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        if self.woodbury:
+            return (r - (r @ self.w.t()) @ self.k_inv_w).div_(self.gamma)
+        return torch.cholesky_solve(r.t(), self.chol).t()
 
 
 class _Chunks:
@@ -234,9 +306,7 @@ def solve_ffn(
         logger.debug("SparseLLM %s: relative FFN error %.5f", label, error)
 
     for t in range(1, iterations + 1):
-        gram = beta_eff * (cur_down.t() @ cur_down)
-        gram.diagonal().add_(gamma_eff)
-        chol = damped_cholesky(gram, 1e-6)
+        ridge = _RidgeSolver(cur_down, beta_eff, gamma_eff)
         XA = torch.zeros(d, f_in, device=device)
         H_p.zero_()
         PY.zero_()
@@ -246,7 +316,7 @@ def solve_ffn(
             m = _linear(x, cur_in, b_in)
             error += float((y - _ffn_inner(m, act, gated) @ cur_down.t()).pow(2).sum())
             # p: ridge between the output target and the activation constraint
-            p = torch.cholesky_solve((beta_eff * (y @ cur_down) + gamma_eff * _ffn_inner(pre, act, gated)).t(), chol).t()
+            p = ridge.solve(beta_eff * (y @ cur_down) + gamma_eff * _ffn_inner(pre, act, gated))
             if gated:  # z in closed form given s, then s by Gauss-Newton given z
                 (s, z), (m_s, m_z), (a_s, a_z) = _split(pre, True), _split(m, True), _split(alpha_vec, True)
                 sigma = act(s)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from optimum_sparse import PruningConfig, SparsePruner
 from optimum_sparse.engine import find_blocks, get_architecture
-from optimum_sparse.methods.sparsellm import _gauss_newton
+from optimum_sparse.methods.sparsellm import _RidgeSolver, _gauss_newton, _value_and_slope
 
 from ..helpers import TABLE_ARCHS, block_linears, make_ids, make_model, num_zeros, weight_out_in
 
@@ -181,3 +181,26 @@ def test_dense_model_target_lowers_the_output_error_on_calibration_data():
         with torch.no_grad():
             errors[target] = float((model(ids).logits - reference).pow(2).mean())
     assert errors["dense_model"] < errors["dense_ffn"]
+
+
+@pytest.mark.parametrize(
+    "act", [F.silu, F.relu, F.gelu, lambda t: F.gelu(t, approximate="tanh"), torch.tanh],
+    ids=["silu", "relu", "gelu", "gelu_tanh", "tanh"],
+)
+def test_activation_slope_matches_autograd(act):
+    x = torch.linspace(-5, 5, 201, dtype=torch.float32)
+    phi, slope = _value_and_slope(act)(x)
+    ref = x.clone().requires_grad_(True)
+    (ref_slope,) = torch.autograd.grad(act(ref).sum(), ref)
+    torch.testing.assert_close(phi, act(x))
+    torch.testing.assert_close(slope, ref_slope, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)], ids=["woodbury", "direct"])
+def test_ridge_solver_matches_the_normal_equations(shape):
+    torch.manual_seed(0)
+    w, r = torch.randn(shape), torch.randn(30, shape[1])
+    beta, gamma = 0.7, 1.9
+    gram = beta * w.double().t() @ w.double() + gamma * torch.eye(shape[1], dtype=torch.float64)
+    expected = torch.linalg.solve(gram, r.double().t()).t().float()
+    torch.testing.assert_close(_RidgeSolver(w, beta, gamma).solve(r.clone()), expected, atol=1e-5, rtol=1e-4)
