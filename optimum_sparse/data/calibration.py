@@ -126,8 +126,8 @@ def _as_input_ids(source: Any) -> Optional[torch.Tensor]:
         return None
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise CalibrationError(f"Pre-tokenized input_ids must be a non-empty [n, seq_len] tensor, got shape {tuple(ids.shape)}.")
-    if ids.is_floating_point() or ids.is_complex():
-        raise CalibrationError("Pre-tokenized input_ids must be integers.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise CalibrationError(f"Pre-tokenized input_ids must be integers, got {ids.dtype}.")
     return ids.long()
 
 

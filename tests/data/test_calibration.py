@@ -98,6 +98,13 @@ def test_pretokenized_tensor_used_exactly(dtype):
     assert torch.equal(out, ids.long())
 
 
+@pytest.mark.parametrize("ids", [torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool), [[True, False], [False, True]]],
+                         ids=["float", "bool", "bool-lists"])
+def test_pretokenized_ids_must_be_integers(ids):
+    with pytest.raises(CalibrationError, match="must be integers"):
+        get_calibration_ids(ids, None, 1, 1)
+
+
 def test_pretokenized_lists_used_exactly():
     rows = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
     out = get_calibration_ids(rows, None, 128, 2048)
