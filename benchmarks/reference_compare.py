@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsegpt-repo", default=None, help="Checkout of IST-DASLab/sparsegpt.")
     p.add_argument("--wanda-repo", default=None, help="Checkout of locuslab/wanda.")
+    p.add_argument("--sparsegpt-commit", default=None, help="Commit of --sparsegpt-repo when it has no .git.")
+    p.add_argument("--wanda-commit", default=None, help="Commit of --wanda-repo when it has no .git.")
     p.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"], choices=["sparsegpt", "wanda"])
     p.add_argument("--settings", nargs="+", default=["50%", "2:4"], help="e.g. 50%% 2:4 70%%")
     p.add_argument("--model", default="smollm2-135m")
@@ -70,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----- their code ------------------------------------------------------------------------------------------------
 def _git_head(path: str) -> str | None:
+    """HEAD of the checkout at `path`, or `None` when `path` is not the top of its own git repository (an archive)."""
     import subprocess
 
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or None
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=path, capture_output=True, text=True, check=False).stdout.strip()
+
+    if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(path):
+        return None
+    return git("rev-parse", "HEAD") or None
 
 
 def import_sparsegpt(repo: str):
@@ -233,10 +240,10 @@ def main(argv=None) -> int:
         "git": git_info(),
         "machine": machine_info("cpu"),
         "references": {
-            "sparsegpt": {"repo": "IST-DASLab/sparsegpt", "commit": _git_head(args.sparsegpt_repo),
+            "sparsegpt": {"repo": "IST-DASLab/sparsegpt", "commit": args.sparsegpt_commit or _git_head(args.sparsegpt_repo),
                           "called": "llama.llama_sequential (SparseGPT.add_batch/fasterprune/free)"}
             if args.sparsegpt_repo else None,
-            "wanda": {"repo": "locuslab/wanda", "commit": _git_head(args.wanda_repo),
+            "wanda": {"repo": "locuslab/wanda", "commit": args.wanda_commit or _git_head(args.wanda_repo),
                       "called": "lib.prune.prune_wanda (prepare_calibration_input, WrappedGPT)"}
             if args.wanda_repo else None,
         },
