@@ -3,7 +3,7 @@
 import logging as _logging
 
 from .config import PruningConfig
-from .engine import PruningReport, UnsupportedModelError
+from .engine import CheckpointMismatchError, PruningReport, UnsupportedModelError
 from .data import CalibrationError
 from .eval import evaluate_perplexity
 from .methods import available_methods, register_method
@@ -24,7 +24,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError",
+    "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
     "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
     "merge_and_unload_sparse", "mask_lora_updates",
 ]

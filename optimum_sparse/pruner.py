@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from .config import PruningConfig
 from .data.calibration import get_calibration_ids
+from .engine.checkpoint import RunCheckpoint, run_fingerprint
+from .engine.distributed import shard_rows, world
 from .engine.sequential import PruningReport, check_targets, run_sequential
 from .methods import get_method_class
 from .serialization import RECORD_NAME as REPORT_NAME
@@ -60,7 +62,8 @@ class SparsePruner:
         return get_calibration_ids(source, tokenizer, c.num_samples, c.seq_len, c.seed, vocab_size=vocab)
 
     def apply(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None,
-              sparsity_for: Optional[Callable[[str], float]] = None, progress: bool = True) -> nn.Module:
+              sparsity_for: Optional[Callable[[str], float]] = None, progress: bool = True,
+              checkpoint_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> nn.Module:
         """Prunes `model` in place and returns it.
 
         Every check (model layout, targets, N:M shapes, calibration data, tokenizer) runs before any weight
@@ -72,14 +75,32 @@ class SparsePruner:
             dataset: calibration source, overriding `config.dataset` (see `optimum_sparse.data.calibration`).
             sparsity_for: optional per-layer sparsity, by full module name (layer-wise allocation).
             progress: show progress bars.
+            checkpoint_dir: save the run's state after every block there (pruned block weights, propagated
+                calibration activations, report; atomic writes), so a killed run can be resumed.
+            resume: continue the run checkpointed in `checkpoint_dir` at its first unfinished block; the result is
+                identical to an uninterrupted run. A checkpoint of another config, model or calibration set is refused
+                (`CheckpointMismatchError`) before any weight changes.
+
+        Under `torchrun` / `accelerate launch` (an initialised `torch.distributed` group), every rank calls `apply` with
+        the same model and data: each keeps every N-th calibration window and the statistics are all-reduced, so all
+        ranks end with the same pruned model (see `optimum_sparse.engine.distributed`).
         """
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the run to resume.")
         if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
             raise TypeError(
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
         check_targets(model, self.config)
         input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        self.report = run_sequential(model, self.method, self.config, input_ids, sparsity_for, progress)
+        rank, world_size = world()
+        local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows
+        checkpoint = None
+        if checkpoint_dir is not None:
+            folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
+            checkpoint = RunCheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
+        self.report = run_sequential(model, self.method, self.config, local_ids, sparsity_for,
+                                     progress and rank == 0, checkpoint)
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

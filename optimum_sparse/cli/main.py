@@ -25,7 +25,9 @@ _EXTRA_COMMANDS.append(_finetune)
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hub id, local folder, or alias 'smollm2-135m' (bundled GGUF).")
     parser.add_argument("--dtype", default="auto", help="Model dtype: auto, float32, bfloat16, float16.")
-    parser.add_argument("--device-map", default=None, help="accelerate device_map for loading (e.g. 'auto').")
+    parser.add_argument("--device-map", default=None,
+                        help="accelerate device_map for loading: 'auto', 'cpu', or a JSON dict of module -> device/'disk'.")
+    parser.add_argument("--offload-folder", default=None, help="Where accelerate offloads blocks sent to 'disk'.")
 
 
 def _add_eval_args(parser: argparse.ArgumentParser, default_windows: Optional[int]) -> None:
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
+    prune.add_argument("--checkpoint-dir", default=None, help="Save the run's state after every block (resumable).")
+    prune.add_argument("--resume", action="store_true", help="Continue the run checkpointed in --checkpoint-dir.")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                        help="Push the pruned model (with its card) to this Hub repository (HF_TOKEN, HF_ENDPOINT).")
     prune.add_argument("--eval", action="store_true", help="Print dense vs pruned perplexity.")
@@ -89,7 +93,12 @@ def _format_table(rows: list[tuple[str, str, str, str]]) -> str:
 def _load(args):
     from ..models import load_model_and_tokenizer
 
-    kwargs = {"device_map": args.device_map} if getattr(args, "device_map", None) else {}
+    device_map = getattr(args, "device_map", None)
+    if device_map and device_map.lstrip().startswith("{"):
+        device_map = json.loads(device_map)
+    kwargs = {"device_map": device_map} if device_map else {}
+    if getattr(args, "offload_folder", None):
+        kwargs["offload_folder"] = args.offload_folder
     return load_model_and_tokenizer(args.model, dtype=getattr(args, "dtype", "auto"), **kwargs)
 
 
@@ -120,7 +129,7 @@ def _cmd_prune(args) -> int:
     if args.eval:
         rows.append(("dense", "0%", f"{dense:.3f}", "-"))
     started = time.perf_counter()
-    pruner.apply(model, tokenizer=tokenizer)
+    pruner.apply(model, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     seconds = time.perf_counter() - started
     label = config.structure if config.nm else f"{config.sparsity:.0%}"
     if args.eval:

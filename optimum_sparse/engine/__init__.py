@@ -1,8 +1,10 @@
 from .architectures import ARCHITECTURES, ArchitectureSpec, MLPSpec, UnsupportedModelError, find_blocks, get_architecture
 from .block import BlockJob, LayerReport
+from .checkpoint import CheckpointMismatchError, RunCheckpoint
 from .sequential import PruningReport, check_targets, run_sequential
 
 __all__ = [
     "ARCHITECTURES", "ArchitectureSpec", "MLPSpec", "UnsupportedModelError", "find_blocks", "get_architecture",
-    "BlockJob", "LayerReport", "PruningReport", "check_targets", "run_sequential",
+    "BlockJob", "LayerReport", "PruningReport", "check_targets", "run_sequential", "RunCheckpoint",
+    "CheckpointMismatchError",
 ]

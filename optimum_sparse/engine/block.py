@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from .distributed import all_reduce_scalar, all_reduce_sum
 from ..methods.base import LinearStats
 from .architectures import ArchitectureSpec
 from .capture import BlockInputs
@@ -148,6 +149,11 @@ class BlockJob:
             for i in range(len(self.inputs)):
                 seen.clear()
                 self.forward_batch(i)
+        for name, stat in stats.items():
+            if name not in shared:  # several processes: each rank holds a share of the calibration windows
+                all_reduce_sum(stat.hessian)
+                all_reduce_sum(stat.sq_norms)
+                stat.num_tokens = int(all_reduce_scalar(stat.num_tokens))
         for name, owner in shared.items():
             stats[name] = stats[owner]
         return stats

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .offload import update_offloaded_tensor
+
 __all__ = ["is_linear", "read_weight", "write_weight", "in_features"]
 
 
@@ -36,3 +38,4 @@ def write_weight(module: nn.Module, weight: torch.Tensor, name: str = "") -> Non
     new = weight.to(dtype=module.weight.dtype, device=module.weight.device)
     new[new == 0] = 0.0  # canonical +0.0 (a -0.0 breaks some sparse kernels)
     module.weight.copy_(new)
+    update_offloaded_tensor(module, "weight", module.weight)  # no-op unless accelerate offloads the module

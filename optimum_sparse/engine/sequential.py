@@ -15,10 +15,11 @@ from ..utils import matches_any
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
 from .block import BlockJob, LayerReport
 from .capture import BlockInputs, block_kinds, capture_block_inputs
-from .devices import is_offloaded, onload_block, solve_device
+from .devices import onload_block, solve_device
 from .linears import in_features, is_linear
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import RunCheckpoint
     from ..config import PruningConfig
     from ..methods.base import PruningMethod
 
@@ -69,11 +70,6 @@ def check_targets(model: nn.Module, config: "PruningConfig") -> tuple[Architectu
     """Validates the model against the config before any weight changes; returns the spec, blocks, targets."""
     spec = get_architecture(model)
     blocks = find_blocks(model, spec)
-    if any(is_offloaded(block) for block in blocks):
-        from .offload import onload_offloaded_block
-
-        with onload_offloaded_block(blocks[0], torch.device("cpu")):  # raises OffloadNotSupportedError
-            pass
     targets = [find_target_linears(block, f"{spec.blocks}.{i}", config, spec) for i, block in enumerate(blocks)]
     if not any(targets):
         raise ValueError(
@@ -99,6 +95,7 @@ def run_sequential(
     input_ids: Optional[torch.Tensor],
     sparsity_for: Optional[Callable[[str], float]] = None,
     progress: bool = True,
+    checkpoint: Optional["RunCheckpoint"] = None,
 ) -> PruningReport:
     """Prunes `model` in place, one decoder block at a time.
 
@@ -109,6 +106,8 @@ def run_sequential(
         input_ids: calibration tokens `[n, seq_len]` (`None` for methods without calibration).
         sparsity_for: per-layer target sparsity by full module name (default: `config.sparsity`).
         progress: show a progress bar over blocks.
+        checkpoint: a `RunCheckpoint`: the state is saved after every block, and a resumed run starts at the first
+            unfinished block (its predecessors' pruned weights and the propagated hidden states come from the folder).
     """
     spec, blocks, targets = check_targets(model, config)
     kinds = block_kinds(model, len(blocks))
@@ -126,8 +125,20 @@ def run_sequential(
             for kind, block in zip(kinds, blocks):
                 first_of_kind.setdefault(kind, block)
             inputs = capture_block_inputs(model, blocks[0], input_ids, config.batch_size, kinds=first_of_kind)
-        bar = tqdm(total=len(blocks), desc=f"Pruning ({config.method})", unit="block", disable=not progress)
+        start = checkpoint.next_block if checkpoint is not None else 0
+        if start:
+            logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
+            for index in range(min(start, len(blocks))):
+                with onload_block(blocks[index], solve_device(blocks[index], config.device)):
+                    checkpoint.restore_block(index, targets[index])
+            checkpoint.restore_report(report)
+            if inputs is not None:
+                inputs = inputs.with_hidden(checkpoint.restore_hidden())
+        bar = tqdm(total=len(blocks), initial=start, desc=f"Pruning ({config.method})", unit="block",
+                   disable=not progress)
         for index, block in enumerate(blocks):
+            if index < start:
+                continue
             device = solve_device(block, config.device)
             block_started = time.perf_counter()
             with onload_block(block, device):
@@ -139,8 +150,10 @@ def run_sequential(
                     method.prune_block(job)
                 if inputs is not None:
                     inputs = inputs.with_hidden(job.forward_all())
-            report.layers.extend(job.reports)
-            report.blocks.append({"index": index, "seconds": time.perf_counter() - block_started, **job.diagnostics})
+                report.layers.extend(job.reports)
+                report.blocks.append({"index": index, "seconds": time.perf_counter() - block_started, **job.diagnostics})
+                if checkpoint is not None:
+                    checkpoint.save(index, targets[index], inputs.hidden if inputs is not None else None, report)
             bar.update(1)
             del job
         bar.close()

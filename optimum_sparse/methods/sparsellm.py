@@ -35,6 +35,7 @@ import torch.nn as nn
 from .base import PruningMethod, register_method
 from .linalg import damped_cholesky
 from .sparsegpt import SparseGPTPruning, sparsegpt_factor, sparsegpt_prune
+from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.linears import read_weight
 
 __all__ = ["SparseLLMPruning", "FFNProblem", "solve_ffn"]
@@ -275,6 +276,9 @@ def solve_ffn(
         p_energy += float(p.pow(2).sum())
         tokens += x.shape[0]
         A.append(pre)
+    for total in (H_x, H_p, sq_a):  # several processes: each holds a share of the tokens
+        all_reduce_sum(total)
+    y_energy, p_energy, tokens = (all_reduce_scalar(v) for v in (y_energy, p_energy, tokens))
     halves = [f_in // 2, f_in - f_in // 2] if gated else [f_in]
     a_scale = torch.cat([part.mean().expand(len(part)) for part in torch.split(sq_a / tokens, halves)])
     alpha_vec = alpha / a_scale.clamp_min(1e-12)  # gate and up columns normalised apart
@@ -329,7 +333,9 @@ def solve_ffn(
             XA.addmm_(x.t(), pre - b_in if b_in is not None else pre)
             H_p.addmm_(p.t(), p)
             PY.addmm_(p.t(), y)
-        record(error / y_energy, "sparsegpt" if t == 1 else f"iteration {t - 1}")
+        for total in (XA, H_p, PY):
+            all_reduce_sum(total)
+        record(all_reduce_scalar(error) / y_energy, "sparsegpt" if t == 1 else f"iteration {t - 1}")
         # weights: least squares to the auxiliary targets, then the mask solver on that target
         cur_in, mask_in = prune_in(least_squares(H_x, XA), H_x)
         cur_down, mask_down = prune_down(least_squares(H_p, PY), H_p)
@@ -341,6 +347,8 @@ def solve_ffn(
         p = _ffn_inner(_linear(X[i], cur_in, b_in), act, gated)
         H_p.addmm_(p.t(), p)
         PY.addmm_(p.t(), Y[i])
+    all_reduce_sum(H_p)
+    all_reduce_sum(PY)
     record(down_error(cur_down, H_p, PY), "sparsegpt" if iterations == 0 else f"iteration {iterations}")
     if refit_down:
         if result.w_in is not cur_in:  # an earlier iterate won: its sums are needed
@@ -350,6 +358,8 @@ def solve_ffn(
                 p = _ffn_inner(_linear(X[i], result.w_in, b_in), act, gated)
                 H_p.addmm_(p.t(), p)
                 PY.addmm_(p.t(), Y[i])
+            all_reduce_sum(H_p)
+            all_reduce_sum(PY)
         w, mask = prune_down(least_squares(H_p, PY), H_p)
         error = down_error(w, H_p, PY)
         result.history.append(error)
@@ -481,7 +491,8 @@ class SparseLLMPruning(PruningMethod):
         w_down = read_weight(job.linears[down], device)
         b_down = self._bias(job.linears[down], device)
         problem = FFNProblem(X, Y, w_in, b_in, w_down, b_down, act, gated)
-        if not self._formula_matches(problem, device):
+        matches = self._formula_matches(problem, device)
+        if all_reduce_scalar(0.0 if matches else 1.0) > 0:  # every rank takes the same branch
             logger.warning("Block %d: FFN output does not match the %s layout; pruning it with SparseGPT.",
                            job.index, "gated" if gated else "plain")
             job.prune_locally(self.local, names=[n for n in (gate, up, down) if n is not None])
