@@ -23,8 +23,9 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's optimum_sparse
 from _common import (  # noqa: E402
-    RESULTS_DIR, ModelBank, PeakMemory, calibration_ids, command_line, default_tag, evaluation_stream, git_info,
+    RESULTS_DIR, ModelBank, PeakMemory, calibration_ids, command_line, configure, default_tag, evaluation_stream, git_info,
     loadavg, machine_info, parse_setting, perplexity, setting_label, timed, write_json,
 )
 
@@ -70,10 +71,7 @@ def markdown_table(runs: list) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("optimum_sparse").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure(args.threads)
     from optimum_sparse import PruningConfig, SparsePruner
 
     kwargs_for = {"uniform": {}, "owl": json.loads(args.owl_kwargs), "search": json.loads(args.search_kwargs)}

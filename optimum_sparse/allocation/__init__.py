@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, available_allocators, fit_counts,
                    get_allocator, register_allocator, target_modules)
-from .override import OVERRIDE_TOLERANCE, apply_override, load_layer_sparsity
+from .override import OVERRIDE_TOLERANCE, apply_override, check_override_names, load_layer_sparsity
 from .owl import OWLAllocator
 from .search import SEARCH_DEFAULTS, SearchAllocator, search_allocation
 from .uniform import UniformAllocator
@@ -69,9 +69,7 @@ def allocate(model: "nn.Module", config: "PruningConfig", method: "PruningMethod
     modules = target_modules(model, config)
     override = config.layer_sparsity
     if override:
-        known = {m.name for m in modules}
-        if set(override) - known:
-            apply_override(UniformAllocator(config).allocate(model, modules, method, None), modules, override)
+        check_override_names(modules, override)  # before the (slow) allocator runs
     allocation = get_allocator(config.allocation)(config).allocate(model, modules, method, input_ids, progress)
     if override:
         allocation = apply_override(allocation, modules, override)

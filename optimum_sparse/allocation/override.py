@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from .base import Allocation, TargetModule, allocation_from_counts, fit_counts
 from ..methods.masks import num_pruned
 
-__all__ = ["OVERRIDE_TOLERANCE", "load_layer_sparsity", "apply_override"]
+__all__ = ["OVERRIDE_TOLERANCE", "load_layer_sparsity", "check_override_names", "apply_override"]
 
 # A complete override may miss the global target by this much (parameter-weighted mean sparsity); the counts are then
 # fitted to the exact target by a common shift smaller than this.
@@ -46,6 +46,16 @@ def load_layer_sparsity(value: Union[None, str, os.PathLike, dict]) -> Optional[
     return out
 
 
+def check_override_names(modules: list[TargetModule], override: dict[str, Any]) -> None:
+    """Raises `ValueError` when `override` names a module that is not a pruned target."""
+    known = {m.name for m in modules}
+    unknown = sorted(set(override) - known)
+    if unknown:
+        sample = ", ".join(sorted(known)[:4])
+        raise ValueError(f"PruningConfig.layer_sparsity names modules that are not pruned targets of this model: "
+                         f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Use full module names such as {sample}.")
+
+
 def apply_override(base: Allocation, modules: list[TargetModule], override: dict[str, Any]) -> Allocation:
     """Pins the listed modules to their ratios; the others keep the shape of `base`, shifted to meet the target.
 
@@ -53,12 +63,7 @@ def apply_override(base: Allocation, modules: list[TargetModule], override: dict
         ValueError: an unknown module name, or a total that cannot meet the global target (a complete override off
             by more than `OVERRIDE_TOLERANCE`, or a partial one that leaves the other layers outside `[0, 1)`).
     """
-    known = {m.name for m in modules}
-    unknown = sorted(set(override) - known)
-    if unknown:
-        sample = ", ".join(sorted(known)[:4])
-        raise ValueError(f"PruningConfig.layer_sparsity names modules that are not pruned targets of this model: "
-                         f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Use full module names such as {sample}.")
+    check_override_names(modules, override)
     numel = [m.numel for m in modules]
     total = num_pruned(sum(numel), base.target)
     if len(override) == len(modules):
