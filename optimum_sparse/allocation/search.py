@@ -58,6 +58,7 @@ SEARCH_DEFAULTS = {
     "kl_topk": 512,              # teacher tokens per position for the KL
     "hidden_weight": 1.0,        # weight of the hidden-state term in "kl+hidden"
     "search_samples": None,      # calibration sequences used to score candidates (None: all)
+    "search_batch_size": None,   # sequences per scoring forward (None: the config's batch_size)
     "accumulation": "expectation",  # "expectation", "centre" or "none" while building the supernet
     "min_sparsity": 0.0,         # bounds of every linear's sparsity
     "max_sparsity": 0.95,
@@ -114,9 +115,10 @@ def _validate(config) -> dict:
     if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo <= config.sparsity <= hi < 1):
         raise ValueError(f"PruningConfig.allocation_kwargs min_sparsity/max_sparsity must satisfy 0 <= min_sparsity "
                          f"<= sparsity ({config.sparsity}) <= max_sparsity < 1, got {lo!r}, {hi!r}.")
-    if kw["search_samples"] is not None and (not isinstance(kw["search_samples"], int) or kw["search_samples"] < 1):
-        raise ValueError(f"PruningConfig.allocation_kwargs['search_samples'] must be a positive integer or None, "
-                         f"got {kw['search_samples']!r}.")
+    for key in ("search_samples", "search_batch_size"):
+        if kw[key] is not None and (isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1):
+            raise ValueError(f"PruningConfig.allocation_kwargs[{key!r}] must be a positive integer or None, "
+                             f"got {kw[key]!r}.")
     if not isinstance(kw["hidden_weight"], (int, float)) or kw["hidden_weight"] < 0:
         raise ValueError(f"PruningConfig.allocation_kwargs['hidden_weight'] must be >= 0, got {kw['hidden_weight']!r}.")
     if kw["state_dir"] is not None and not isinstance(kw["state_dir"], str):
@@ -219,7 +221,7 @@ class _Search:
             return state
         rng = random.Random()
         _set_rng_state(rng, state["rng"])
-        batches = self.input_ids[: kw["search_samples"]].split(self.config.batch_size)
+        batches = self.input_ids[: kw["search_samples"]].split(kw["search_batch_size"] or self.config.batch_size)
         started = time.perf_counter()
         done_now = 0
         scorer = None
