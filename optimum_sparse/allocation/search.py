@@ -15,6 +15,7 @@ activations, a fixed search set (fitness is deterministic, so the parent's fitne
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -36,7 +37,8 @@ from ..engine.sequential import check_targets, run_sequential
 from ..methods.base import PruningMethod, get_method_class
 from ..methods.masks import num_pruned
 from ..utils import atomic_write_text
-from .base import Allocator, allocation_from_counts, register_allocator
+from .base import Allocator, allocation_from_counts, fit_counts, register_allocator
+from .owl import OWLAllocator
 from .scoring import FITNESS, Scorer, num_stage_batches
 from .supernet import ACCUMULATIONS, Supernet, SupernetBuilder
 from .uniform import uniform_counts
@@ -46,6 +48,7 @@ __all__ = ["SearchAllocator", "search_allocation", "SEARCH_DEFAULTS", "mutate"]
 logger = logging.getLogger(__name__)
 
 SEARCH_DEFAULTS = {
+    "init": "uniform",           # starting distribution: "uniform" or "owl" (OWL's, with its default M and lambda)
     "levels": 2,                 # ladder variants on each side of the centre
     "step": 0.05,                # first-round step, as a fraction of each linear; halved every round
     "rounds": 2,                 # coarse-to-fine rounds (a supernet each)
@@ -105,6 +108,8 @@ def _validate(config) -> dict:
         v = kw[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
             raise ValueError(f"PruningConfig.allocation_kwargs[{key!r}] must be a number in ({lo}, {hi}], got {v!r}.")
+    if kw["init"] not in ("uniform", "owl"):
+        raise ValueError(f"PruningConfig.allocation_kwargs['init'] must be 'uniform' or 'owl', got {kw['init']!r}.")
     if kw["fitness"] not in FITNESS:
         raise ValueError(f"PruningConfig.allocation_kwargs['fitness'] must be one of {list(FITNESS)}, "
                          f"got {kw['fitness']!r}.")
@@ -208,11 +213,25 @@ class _Search:
                     2 * self.kw["levels"] + 1, net.disk_bytes() / 1e6, time.perf_counter() - started)
         return net
 
+    def _initial_counts(self) -> list:
+        if self.kw["init"] == "uniform":
+            return uniform_counts(self.modules, self.config.sparsity)
+        config = copy.copy(self.config)
+        config.allocation_kwargs = {}
+        owl = OWLAllocator(config).allocate(self.model, self.modules, self.local, self.input_ids, self.progress)
+        lo = [max(a, round(owl.numel[m.name] * owl.sparsities[m.name])) for a, m in zip(self.kmin, self.modules)]
+        counts = [min(k, b) for k, b in zip(lo, self.kmax)]
+        if sum(counts) != self.total:  # OWL's band may leave min/max_sparsity: refit inside them
+            counts = fit_counts(self.numel, [k / n for k, n in zip(counts, self.numel)], self.total,
+                                [a / n for a, n in zip(self.kmin, self.numel)],
+                                [b / n for b, n in zip(self.kmax, self.numel)])
+        return counts
+
     def run(self, fingerprint: str, stop_after: Optional[int] = None) -> Optional[dict]:
         kw = self.kw
         state = self._load(fingerprint)
         if state is None:
-            centres = uniform_counts(self.modules, self.config.sparsity)
+            centres = self._initial_counts()
             state = {"fingerprint": fingerprint, "round": 0, "generation": 0, "centres": centres,
                      "genome": [0] * len(self.modules), "history": [], "rng": _rng_state(random.Random(self.config.seed)),
                      "done": False, "disk_bytes": 0, "seconds": 0.0}

@@ -80,9 +80,10 @@ def test_search_exact_budget_and_never_worse(arch, method, fitness):
     assert len(set(round(s, 6) for s in alloc.sparsities.values())) > 1  # a non-uniform distribution
 
 
-def test_search_through_the_pruner_prunes_exactly_the_budget():
+@pytest.mark.parametrize("init", ["uniform", "owl"])
+def test_search_through_the_pruner_prunes_exactly_the_budget(init):
     model = make_model("llama", num_layers=3)
-    pruner = SparsePruner(_config("wanda", 0.7))
+    pruner = SparsePruner(_config("wanda", 0.7, init=init))
     pruner.apply(model, dataset=make_ids(), progress=False)
     alloc = pruner.allocation
     zeros = {n: int((weight_out_in(m) == 0).sum()) for n, m in block_linears(model).items()}
@@ -159,7 +160,7 @@ def test_sparsegpt_variants_store_their_updated_weights(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"fitness": "ppl"}, "fitness"), ({"survivors": 10}, "must not exceed"), ({"step": 0.0}, "step"),
     ({"max_sparsity": 0.5}, "max_sparsity"), ({"accumulation": "median"}, "accumulation"),
-    ({"levels": 0}, "levels"), ({"colour": 1}, "unknown keys"),
+    ({"levels": 0}, "levels"), ({"colour": 1}, "unknown keys"), ({"init": "random"}, "init"),
 ])
 def test_search_kwargs_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
