@@ -95,11 +95,15 @@ def main(argv=None) -> int:
         results["runs"] = previous.get("runs", [])
         results["previous_commands"] = previous.get("previous_commands", []) + [previous.get("command")]
     done = {(r["method"], r["setting"], r["allocation"]) for r in results["runs"]}
+    def name(allocation: str) -> str:  # a search from OWL's distribution is its own row
+        init = kwargs_for[allocation].get("init", "uniform") if allocation == "search" else "uniform"
+        return allocation if init == "uniform" else f"{allocation}(init={init})"
+
     for structure, sparsity in (parse_setting(s) for s in args.settings):
         label = setting_label(structure, sparsity)
         for method in args.methods:
             for allocation in args.allocations:
-                if (method, label, allocation) in done:
+                if (method, label, name(allocation)) in done:
                     continue
                 model = bank.fresh()
                 config = PruningConfig(method=method, sparsity=sparsity, num_samples=args.num_samples,
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
                     ppl = perplexity(model, stream, args.eval_seq_len, windows)
                 alloc = pruner.allocation
                 info = alloc.info if alloc is not None else {}
-                run = {"method": method, "setting": label, "allocation": allocation, "perplexity": ppl,
+                run = {"method": method, "setting": label, "allocation": name(allocation), "perplexity": ppl,
                        "allocation_kwargs": kwargs_for[allocation], "prune_seconds": round(t_prune["wall"], 1),
                        "prune_cpu_seconds": round(t_prune["cpu"], 1), "eval_seconds": round(t_eval["wall"], 1),
                        "memory": mem.to_dict(), "loadavg_before": load_before, "loadavg_after": loadavg(),
