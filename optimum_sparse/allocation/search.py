@@ -78,9 +78,9 @@ def mutate(genome: list, rng: random.Random, net: Supernet, classes: list, max_f
     for _ in range(flips):
         options = []
         for genes in classes:
-            down = [g for g in genes if net.valid(g, child[g] - 1)]
             up = [g for g in genes if net.valid(g, child[g] + 1)]
-            if down and up and (len(down) > 1 or len(up) > 1 or down != up):
+            down = [g for g in genes if net.valid(g, child[g] - 1) and any(b != g for b in up)]
+            if down:
                 options.append((down, up))
         if not options:
             break

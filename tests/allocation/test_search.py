@@ -54,6 +54,11 @@ def test_mutation_keeps_the_budget_exact():
         assert all(net.valid(g, lv) for g, lv in enumerate(genome))
         changed += any(genome)
     assert changed  # it does move
+    net.levels = 1  # gene 0 can only go down, gene 1 only up, gene 2 both: never an impossible pair
+    for _ in range(100):
+        child = mutate([1, -1, 0, 0, 0], rng, net, [[0, 1, 2]], 3)
+        assert sum(net.count(g, lv) for g, lv in enumerate(child)) == total
+        assert all(net.valid(g, lv) for g, lv in enumerate(child))
 
 
 @pytest.mark.parametrize("arch,method,fitness", [("llama", "wanda", "kl"), ("opt", "sparsegpt", "kl+hidden"),
