@@ -23,7 +23,7 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 __all__ = [
     "REPO_ROOT", "RESULTS_DIR", "machine_info", "git_info", "command_line", "default_tag", "write_json",
     "PeakMemory", "ModelBank", "calibration_ids", "evaluation_stream", "perplexity", "parse_setting",
-    "setting_label", "loadavg", "timed",
+    "setting_label", "loadavg", "timed", "configure",
 ]
 
 
@@ -264,3 +264,13 @@ def timed() -> Iterator[dict]:
     finally:
         out["wall"] = time.perf_counter() - wall
         out["cpu"] = time.process_time() - cpu
+
+
+def configure(threads: Optional[int]) -> None:
+    """Benchmark logging (INFO, library at WARNING) and the torch thread count."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("optimum_sparse").setLevel(logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)

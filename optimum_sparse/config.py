@@ -81,6 +81,15 @@ class PruningConfig:
             Device for statistics and solves (`"cuda"`, `"cpu"`). Defaults to the device of each block's weights,
             or CUDA when the model sits on the CPU and a GPU is available.
         method_kwargs (`dict`, defaults to `{}`): Extra method-specific parameters.
+        allocation (`str`, defaults to `"uniform"`):
+            How the global sparsity is split over the pruned linears: `"uniform"`, `"owl"` (outlier-weighted) or
+            `"search"` (Týr-style evolutionary search). Every allocation prunes exactly `sparsity` of the pruned
+            layers' parameters. See `docs/allocation.md`.
+        allocation_kwargs (`dict`, defaults to `{}`):
+            Allocator parameters: OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`).
+        layer_sparsity (`dict` or `str`, *optional*):
+            Per-layer override, `{full module name: sparsity}` or the path of a JSON file holding one; unlisted layers
+            share the rest of the budget. Loaded into a dict on construction.
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
@@ -98,6 +107,9 @@ class PruningConfig:
     batch_size: int = _help("Calibration sequences forwarded at once through a block.", 8)
     device: Optional[str] = _help("Device for statistics and solves.", None)
     method_kwargs: dict = _help("Method-specific parameters.", default_factory=dict)
+    allocation: str = _help("Layer-wise allocation: 'uniform', 'owl' or 'search'.", "uniform")
+    allocation_kwargs: dict = _help("Allocator parameters.", default_factory=dict)
+    layer_sparsity: Optional[Any] = _help("Per-layer sparsity override (dict or JSON path).", None)
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
 
     def __post_init__(self):
@@ -150,6 +162,9 @@ class PruningConfig:
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
         get_method_class(self.method).validate_config(self)
+        from .allocation import validate_allocation
+
+        validate_allocation(self)
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:

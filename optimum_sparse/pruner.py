@@ -50,11 +50,14 @@ class SparsePruner:
         self.config = config
         self.method = get_method_class(config.method)(config)
         self.report: Optional[PruningReport] = None
+        self.allocation = None  # the layer-wise `Allocation` of the last run (None for plain uniform pruning)
         self.record: Optional[PruningRecord] = None
 
     def prepare_calibration(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None) -> Optional[torch.Tensor]:
         """Returns the calibration token ids `[n, seq_len]` the run will use (`None` if the method needs none)."""
-        if not self.method.needs_calibration:
+        from .allocation import allocation_needs_calibration
+
+        if not self.method.needs_calibration and not allocation_needs_calibration(self.config):
             return None
         source = dataset if dataset is not None else self.config.dataset
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -73,7 +76,7 @@ class SparsePruner:
             model: an `AutoModelForCausalLM` (any device placement, accelerate device maps included).
             tokenizer: tokenizer for text calibration sources.
             dataset: calibration source, overriding `config.dataset` (see `optimum_sparse.data.calibration`).
-            sparsity_for: optional per-layer sparsity, by full module name (layer-wise allocation).
+            sparsity_for: optional per-layer sparsity, by full module name; replaces `config.allocation`.
             progress: show progress bars.
             checkpoint_dir: save the run's state after every block there (pruned block weights, propagated
                 calibration activations, report; atomic writes), so a killed run can be resumed.
@@ -99,8 +102,16 @@ class SparsePruner:
         if checkpoint_dir is not None:
             folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
             checkpoint = RunCheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
+        self.allocation = None
+        if sparsity_for is None:
+            from .allocation import allocate
+
+            self.allocation = allocate(model, self.config, self.method, input_ids, progress)
+            sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
         self.report = run_sequential(model, self.method, self.config, local_ids, sparsity_for,
                                      progress and rank == 0, checkpoint)
+        if self.allocation is not None:
+            self.report.allocation = self.allocation.to_dict()
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

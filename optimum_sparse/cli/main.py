@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
     prune.add_argument("--true-sequential", action="store_true")
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
+    prune.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "search"],
+                       help="Layer-wise sparsity allocation (docs/allocation.md).")
+    prune.add_argument("--allocation-kwargs", default="{}", help="JSON dict of allocator parameters (OWL M/lambda, "
+                       "search settings such as state_dir).")
+    prune.add_argument("--layer-sparsity", default=None,
+                       help="Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a JSON file.")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save the run's state after every block (resumable).")
@@ -102,6 +108,11 @@ def _load(args):
     return load_model_and_tokenizer(args.model, dtype=getattr(args, "dtype", "auto"), **kwargs)
 
 
+def _json_or_path(value: Optional[str]):
+    """A JSON object given inline (`'{...}'`), else the string itself (a path, read by `PruningConfig`)."""
+    return json.loads(value) if value is not None and value.lstrip().startswith("{") else value
+
+
 def _cmd_prune(args) -> int:
     from ..config import PruningConfig
     from ..eval import evaluate_perplexity
@@ -111,7 +122,8 @@ def _cmd_prune(args) -> int:
         method=args.method, sparsity=args.sparsity, structure=args.structure, dataset=args.dataset,
         num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
         device=args.device, ignore=args.ignore, true_sequential=args.true_sequential,
-        method_kwargs=json.loads(args.method_kwargs),
+        method_kwargs=json.loads(args.method_kwargs), allocation=args.allocation,
+        allocation_kwargs=json.loads(args.allocation_kwargs), layer_sparsity=_json_or_path(args.layer_sparsity),
     )
     if args.config:
         base = PruningConfig.from_pretrained(args.config).to_dict()

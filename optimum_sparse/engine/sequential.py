@@ -36,6 +36,7 @@ class PruningReport:
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
+    allocation: Optional[dict] = None  # `Allocation.to_dict()` when a layer-wise allocation was used
 
     @property
     def mean_sparsity(self) -> float:
@@ -50,6 +51,7 @@ class PruningReport:
             "mean_sparsity": self.mean_sparsity,
             "layers": [r.to_dict() for r in self.layers],
             "blocks": self.blocks,
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
 

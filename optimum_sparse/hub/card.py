@@ -78,6 +78,12 @@ def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None
         flags.append("--method-kwargs " + shlex.quote(json.dumps(c.method_kwargs, sort_keys=True)))
     if c.device:
         flags.append(f"--device {c.device}")
+    if c.allocation != "uniform":
+        flags.append(f"--allocation {c.allocation}")
+    if c.allocation_kwargs:
+        flags.append("--allocation-kwargs " + shlex.quote(json.dumps(c.allocation_kwargs, sort_keys=True)))
+    if c.layer_sparsity:
+        flags.append("--layer-sparsity " + shlex.quote(json.dumps(c.layer_sparsity, sort_keys=True)))
     flags.append("--output pruned/")
     return with_config, " \\\n  ".join(flags)
 
@@ -141,11 +147,28 @@ def plot_layers(record: "PruningRecord", path: str) -> Optional[str]:
         if all(e > 0 for _, e in errors):
             ax2.set_yscale("log")
         ax2.set_ylabel("relative reconstruction error")
+    if record.allocation:
+        ax.axhline(100 * record.config.sparsity, color="black", linestyle="--", linewidth=0.8,
+                   label=f"global target ({record.allocation['method']} allocation)")
     ax.set_title(f"{record.method}, {record.structure}: per-layer sparsity and reconstruction error")
     fig.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
+
+
+def _allocation_fields(record: "PruningRecord") -> dict:
+    """Template fields describing the layer-wise allocation (uniform when the record has none)."""
+    alloc = record.allocation
+    if not alloc:
+        return {"allocation_text": "uniform (every pruned layer at the target)", "allocation_rows": []}
+    params = {k: v for k, v in (alloc.get("info") or {}).items() if isinstance(v, (int, float, str)) and k not in
+              ("seconds", "disk_bytes", "final_fitness")}
+    details = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    text = f"`{alloc['method']}`" + (f" ({details})" if details else "")
+    text += f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned, exactly the target"
+    rows = [{"block": b, "sparsity": _pct(v)} for b, v in alloc.get("per_block", {}).items()]
+    return {"allocation_text": text, "allocation_rows": rows}
 
 
 def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, base_model: Optional[str] = None,
@@ -205,7 +228,7 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         dense_ppl=_ppl(ppl.get("dense")), pruned_ppl=_ppl(ppl.get("pruned")), base_model_text=base or "<base model>",
         plot_file=plot_file, layer_rows=rows, repo_text=repo or "<this repo>",
         first_layer=record.layers[0].name if record.layers else "", command_config=with_config,
-        command_flags=with_flags, calibration_note=note, config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),
+        command_flags=with_flags, calibration_note=note, **_allocation_fields(record), config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),
     )
     validate_model_card(str(card))
     return card

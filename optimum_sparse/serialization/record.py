@@ -56,6 +56,7 @@ class PruningRecord:
         perplexity (`dict`, *optional*): `{"dense", "pruned", "dataset", "seq_len", "windows"}` when measured.
         base_model (`str`, *optional*): the Hub id of the model that was pruned.
         library_version (`str`): optimum-sparse version that pruned the model.
+        allocation (`dict`, *optional*): the layer-wise allocation (`Allocation.to_dict()`) when one was used.
         masks (`dict[str, torch.BoolTensor]`, *optional*): filled by `load_pruning_record`: `True` where the weight is
             zero, by module name, in the layout of the checkpoint's `<name>.weight` tensor.
     """
@@ -68,6 +69,7 @@ class PruningRecord:
     perplexity: Optional[dict] = None
     base_model: Optional[str] = None
     library_version: str = __version__
+    allocation: Optional[dict] = None
     masks: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -80,7 +82,7 @@ class PruningRecord:
             source = config.dataset
         calibration = describe_calibration(source, config, input_ids)
         return cls(config=config, layers=list(report.layers), blocks=list(report.blocks), seconds=report.seconds,
-                   calibration=calibration, base_model=_hub_id(model))
+                   calibration=calibration, base_model=_hub_id(model), allocation=report.allocation)
 
     @property
     def method(self) -> str:
@@ -93,7 +95,7 @@ class PruningRecord:
     @property
     def report(self) -> PruningReport:
         return PruningReport(method=self.method, layers=list(self.layers), blocks=list(self.blocks),
-                             seconds=self.seconds)
+                             seconds=self.seconds, allocation=self.allocation)
 
     @property
     def mean_sparsity(self) -> float:
@@ -130,6 +132,7 @@ class PruningRecord:
             "config": self.config.to_dict(),
             "layers": [r.to_dict() for r in self.layers],
             "blocks": self.blocks,
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         })
 
     @classmethod
@@ -146,7 +149,7 @@ class PruningRecord:
         return cls(config=PruningConfig.from_dict(data["config"]), layers=layers, blocks=list(data.get("blocks", [])),
                    seconds=float(data.get("seconds", 0.0)), calibration=dict(data.get("calibration") or {}),
                    perplexity=data.get("perplexity"), base_model=data.get("base_model"),
-                   library_version=data.get("library_version", "unknown"))
+                   library_version=data.get("library_version", "unknown"), allocation=data.get("allocation"))
 
 
 def _finite(value: Optional[float]) -> Optional[float]:

@@ -1,0 +1,78 @@
+"""Layer-wise sparsity allocation: how the global sparsity target is split over the pruned linears.
+
+`PruningConfig(allocation="uniform" | "owl" | "search", allocation_kwargs=..., layer_sparsity=...)`. Every allocator
+returns an `Allocation` whose pruned-parameter count equals the global target exactly; `SparsePruner.apply` feeds
+its per-module sparsity to the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Optional
+
+from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, available_allocators, fit_counts,
+                   get_allocator, register_allocator, target_modules)
+from .override import OVERRIDE_TOLERANCE, apply_override, check_override_names, load_layer_sparsity
+from .owl import OWLAllocator
+from .search import SEARCH_DEFAULTS, SearchAllocator, search_allocation
+from .uniform import UniformAllocator
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    import torch.nn as nn
+
+    from ..config import PruningConfig
+    from ..methods.base import PruningMethod
+
+__all__ = [
+    "Allocation", "Allocator", "TargetModule", "allocation_from_counts", "available_allocators", "fit_counts",
+    "get_allocator", "register_allocator", "target_modules", "OVERRIDE_TOLERANCE", "apply_override",
+    "load_layer_sparsity", "OWLAllocator", "SEARCH_DEFAULTS", "SearchAllocator", "search_allocation",
+    "UniformAllocator", "validate_allocation", "allocation_needs_calibration", "allocate",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def validate_allocation(config: "PruningConfig") -> None:
+    """Checks `allocation`, `allocation_kwargs` and `layer_sparsity` (loading a JSON path into a dict).
+
+    Called by `PruningConfig.__post_init__`; module names are checked against the model in `allocate`.
+    """
+    if not isinstance(config.allocation, str):
+        raise ValueError(f"PruningConfig.allocation must be one of {available_allocators()}, got {config.allocation!r}.")
+    cls = get_allocator(config.allocation)
+    if not isinstance(config.allocation_kwargs, dict):
+        raise ValueError(f"PruningConfig.allocation_kwargs must be a dict, got {config.allocation_kwargs!r}.")
+    config.layer_sparsity = load_layer_sparsity(config.layer_sparsity)
+    if config.nm is not None and (config.allocation != "uniform" or config.layer_sparsity):
+        raise ValueError(f"PruningConfig.allocation={config.allocation!r} / layer_sparsity need unstructured sparsity; "
+                         f"structure {config.structure!r} fixes every layer at N/M.")
+    if config.layer_sparsity and config.allocation == "search":
+        raise ValueError("PruningConfig.layer_sparsity cannot be combined with allocation='search' (the search chooses "
+                         "every layer); use allocation='uniform' or 'owl'.")
+    cls.validate_kwargs(config)
+
+
+def allocation_needs_calibration(config: "PruningConfig") -> bool:
+    return get_allocator(config.allocation).needs_calibration
+
+
+def allocate(model: "nn.Module", config: "PruningConfig", method: "PruningMethod",
+             input_ids: Optional["torch.Tensor"], progress: bool = True) -> Optional[Allocation]:
+    """The run's allocation, or `None` for plain uniform pruning (the engine then uses `config.sparsity`).
+
+    Runs before any weight changes: an unknown module in `layer_sparsity` or an unreachable target raises first.
+    """
+    if config.allocation == "uniform" and not config.layer_sparsity:
+        return None
+    modules = target_modules(model, config)
+    override = config.layer_sparsity
+    if override:
+        check_override_names(modules, override)  # before the (slow) allocator runs
+    allocation = get_allocator(config.allocation)(config).allocate(model, modules, method, input_ids, progress)
+    if override:
+        allocation = apply_override(allocation, modules, override)
+    logger.info("Allocation %s: %d of %d parameters pruned (target %.4f)\n%s", allocation.method,
+                allocation.pruned_params, allocation.total_params, config.sparsity, allocation.table())
+    return allocation
