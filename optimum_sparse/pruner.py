@@ -49,6 +49,7 @@ class SparsePruner:
         self.method = get_method_class(config.method)(config)
         self.report: Optional[PruningReport] = None
         self.record: Optional[PruningRecord] = None
+        self.structured_summary: Optional[dict] = None  # structured runs: achieved sizes and fractions
 
     def prepare_calibration(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None) -> Optional[torch.Tensor]:
         """Returns the calibration token ids `[n, seq_len]` the run will use (`None` if the method needs none)."""
@@ -70,16 +71,28 @@ class SparsePruner:
             model: an `AutoModelForCausalLM` (any device placement, accelerate device maps included).
             tokenizer: tokenizer for text calibration sources.
             dataset: calibration source, overriding `config.dataset` (see `optimum_sparse.data.calibration`).
-            sparsity_for: optional per-layer sparsity, by full module name (layer-wise allocation).
+            sparsity_for: optional per-layer sparsity, by full module name (layer-wise allocation); unstructured
+                and N:M only (structured methods allocate through `method_kwargs["allocation"]`).
             progress: show progress bars.
         """
         if not isinstance(model, nn.Module) or not hasattr(model, "get_input_embeddings"):
             raise TypeError(
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
-        check_targets(model, self.config)
-        input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        self.report = run_sequential(model, self.method, self.config, input_ids, sparsity_for, progress)
+        if self.config.is_structured:
+            from .structured.runner import plan_structured, run_structured
+
+            if sparsity_for is not None:
+                raise ValueError("sparsity_for applies to unstructured/N:M runs; structured methods allocate through "
+                                 "PruningConfig.method_kwargs['allocation'].")
+            plan = plan_structured(model, self.config)  # every check before any change
+            input_ids = self.prepare_calibration(model, tokenizer, dataset)
+            self.report, self.structured_summary = run_structured(model, self.method, self.config, input_ids,
+                                                                  progress, plan=plan)
+        else:
+            check_targets(model, self.config)
+            input_ids = self.prepare_calibration(model, tokenizer, dataset)
+            self.report = run_sequential(model, self.method, self.config, input_ids, sparsity_for, progress)
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too
