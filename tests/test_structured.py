@@ -337,3 +337,23 @@ def test_structprune_error_not_worse_than_wanda_structured():
         ids = make_ids()
         errors[method] = float((_logits(model, ids) - _logits(dense, ids)).pow(2).mean())
     assert errors["structprune"] < errors["wanda-structured"]
+
+
+def test_cli_prunes_structurally(tmp_path, tokenizer, capsys):
+    from optimum_sparse.cli.main import main
+
+    from .helpers import SENTENCES
+
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(SENTENCES * 20))
+    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "wanda-structured", "--structure", "channels",
+                 "--sparsity", "0.25", "--multiple-of", "16", "--num-samples", "4", "--seq-len", "16",
+                 "--dataset", str(text), "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert "of the prunable parameters" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.intermediate_size == 48  # 64 → 25% removed, a multiple of 16
+    assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["multiple_of"] == 16

@@ -53,8 +53,10 @@ def admm_group_support(weight: torch.Tensor, H: torch.Tensor, width: int, keep: 
     Ht = H / d.unsqueeze(0) / d.unsqueeze(1)
     eig, Q = torch.linalg.eigh(Ht)
     eig = eig.clamp_min(1e-12 * float(eig.max()))
-    W0 = weight.to(torch.float64) * d.unsqueeze(0)
-    W0H = W0 @ Ht
+    # the iterations run in float32 (the support is what matters; the final weights are solved in float64)
+    eig, Q = eig.to(torch.float32), Q.to(torch.float32)
+    W0 = (weight.to(torch.float64) * d.unsqueeze(0)).to(torch.float32)
+    W0H = (W0.to(torch.float64) @ Ht).to(torch.float32)
 
     def project(V):
         energy = V.pow(2).sum(0).reshape(G, width).sum(1)
