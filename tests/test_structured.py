@@ -357,3 +357,33 @@ def test_cli_prunes_structurally(tmp_path, tokenizer, capsys):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.intermediate_size == 48  # 64 → 25% removed, a multiple of 16
     assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["multiple_of"] == 16
+
+
+def test_bfloat16_model_keeps_its_dtype():
+    model = make_model("qwen2", dtype=torch.bfloat16)
+    SparsePruner(_config("structprune", 0.3)).apply(model, dataset=make_ids(), progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert torch.isfinite(_logits(model, make_ids(2, 16)).float()).all()
+
+
+def test_pruning_a_pruned_model_again_round_trips(tmp_path):
+    _, model, _ = _prune("llama", "flap", sparsity=0.25, structure="channels")
+    first = dict(model.config.pruned_modules)
+    SparsePruner(_config("structprune", 0.3, structure="channels")).apply(model, dataset=make_ids(), progress=False)
+    assert set(first) <= set(model.config.pruned_modules)
+    ids = make_ids(2, 16, seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-6, rtol=1e-5)
+
+
+def test_record_of_a_structured_run(tmp_path):
+    from optimum_sparse.serialization import load_pruning_record
+
+    _, model, pruner = _prune("gpt2", "flap")
+    pruner.save_pretrained(model, tmp_path)
+    record = load_pruning_record(tmp_path, load_masks=False)
+    assert record.config.structure == "channels+heads" and record.method == "flap"
+    removed = {layer.name: layer.extra["removed_fraction"] for layer in record.layers}
+    assert any(v > 0 for v in removed.values())
+    assert "structured" in (tmp_path / "README.md").read_text()

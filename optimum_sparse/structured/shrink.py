@@ -172,13 +172,17 @@ def finalize_config(model: nn.Module, layout: StructuredLayout, geometry: HeadGe
             config.num_key_value_heads = kept
             config.num_attention_heads = kept * geometry.q_per_kv
         return "stock"
-    pruned_class = PRUNED_CLASSES.get(type(model).__name__)
+    name_of_class = type(model).__name__
+    pruned_class = name_of_class if name_of_class in PRUNED_CLASSES.values() else PRUNED_CLASSES.get(name_of_class)
     if pruned_class is None:
         raise ValueError(f"No per-layer pruned class for {type(model).__name__}; supported: {sorted(PRUNED_CLASSES)}.")
     from . import modeling_pruned
 
-    config.pruned_modules = {name: list(shape) for name, shape in sorted(changed.items())}
-    config.pruned_attributes = {}
+    # a model pruned before keeps its earlier entries (current shapes win)
+    previous = dict(getattr(config, "pruned_modules", None) or {})
+    previous.update({name: list(shape) for name, shape in changed.items()})
+    config.pruned_modules = dict(sorted(previous.items()))
+    config.pruned_attributes = dict(getattr(config, "pruned_attributes", None) or {})
     if layout.head_attributes:
         for index, block in enumerate(blocks):
             attention = block.get_submodule(layout.attention)
