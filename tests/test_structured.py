@@ -114,9 +114,19 @@ def test_pruned_model_matches_masked_dense_and_budget(arch, method):
     assert summary["model_params_after"] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # every layer: whole KV groups with their query heads, channels a multiple of multiple_of
     q_per_kv = dense.config.num_attention_heads // (getattr(dense.config, "num_key_value_heads", None) or dense.config.num_attention_heads)
-    for layer in summary["layers"]:
+    head_dim = dense.config.hidden_size // dense.config.num_attention_heads
+    attn_inputs, o_name, mlp_inputs, down_name = NAMES[arch]
+    blocks = model.get_submodule(block_path(model))
+    for layer, block in zip(summary["layers"], blocks):
         assert layer["num_attention_heads"] == layer["num_key_value_heads"] * q_per_kv >= q_per_kv
         assert layer["intermediate_size"] % 8 == 0 and layer["intermediate_size"] >= 8
+        hidden = dense.config.hidden_size
+        assert weight_out_in(block.get_submodule(o_name)).shape == (hidden, layer["num_attention_heads"] * head_dim)
+        kv_rows = layer["num_key_value_heads"] * head_dim * (3 if arch == "gpt2" else 1)
+        assert weight_out_in(block.get_submodule(attn_inputs[0])).shape == (kv_rows, hidden)
+        assert weight_out_in(block.get_submodule(down_name)).shape == (hidden, layer["intermediate_size"])
+        for name in mlp_inputs:
+            assert weight_out_in(block.get_submodule(name)).shape == (layer["intermediate_size"], hidden)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
