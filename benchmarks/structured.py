@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's optimum_sparse
 from _common import (  # noqa: E402
-    RESULTS_DIR, ModelBank, calibration_ids, command_line, default_tag, evaluation_stream, git_info, loadavg,
+    RESULTS_DIR, calibration_ids, command_line, default_tag, evaluation_stream, git_info, loadavg,
     machine_info, parse_setting, perplexity, timed, write_json,
 )
 
@@ -131,8 +132,10 @@ def main(argv=None) -> int:
     tag = args.tag or default_tag(args.device)
     output = args.output or os.path.join(RESULTS_DIR, f"structured_{tag}.json")
     started_all = time.perf_counter()
-    bank = ModelBank(args.model, args.device)
-    dense_model, tokenizer = bank.model, bank.tokenizer
+    from optimum_sparse.models import load_model_and_tokenizer
+
+    dense_model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)  # one copy (memory)
+    dense_model.eval().to(args.device)
     calib = calibration_ids(tokenizer, args.num_samples, args.seq_len, args.seed, args.dataset)
     stream = evaluation_stream(tokenizer, args.dataset)
     available = stream.numel() // args.eval_seq_len
@@ -199,7 +202,8 @@ def main(argv=None) -> int:
         logger.info("%-17s %-5s ppl %8.3f params %.1fM prune %.0fs speed-up b1 %s b8 %s", method, label, ppl,
                     run["model_params"] / 1e6, prune_seconds, run.get("speedup_batch1"), run.get("speedup_batch8"))
         if method != "dense":
-            del model
+            del model, pruner
+        gc.collect()
     print(markdown_table(results))
     print(f"\nWrote {output}")
     return 0
