@@ -12,25 +12,29 @@ from typing import Any, Optional, Union
 
 from .version import __version__
 
-__all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure"]
+__all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure", "STRUCTURED"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruning_config.json"
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+# structured pruning: whole MLP channels and/or attention heads (KV groups) removed, the model shrinks
+STRUCTURED = ("channels", "heads", "channels+heads")
 
 
 def parse_structure(structure: str) -> Optional[tuple[int, int]]:
-    """Returns `(n, m)` for an N:M structure string such as `"2:4"`, or `None` for `"unstructured"`.
+    """Returns `(n, m)` for an N:M structure string such as `"2:4"`, or `None` for `"unstructured"` and the
+    structured kinds (`"channels"`, `"heads"`, `"channels+heads"`).
 
     `n` is the number of zeros in every group of `m` consecutive input weights.
     """
-    if structure == "unstructured":
+    if structure == "unstructured" or structure in STRUCTURED:
         return None
-    match = _NM_PATTERN.match(structure)
+    match = _NM_PATTERN.match(structure) if isinstance(structure, str) else None
     if match is None:
         raise ValueError(
-            f"PruningConfig.structure must be 'unstructured' or 'N:M' (e.g. '2:4', '4:8'), got {structure!r}."
+            f"PruningConfig.structure must be 'unstructured' or 'N:M' (e.g. '2:4', '4:8') or a structured kind "
+            f"({', '.join(repr(s) for s in STRUCTURED)}), got {structure!r}."
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
@@ -57,9 +61,14 @@ class PruningConfig:
             Pruning method, one of `optimum_sparse.available_methods()` (`"magnitude"`, `"wanda"`, `"sparsegpt"`, ...).
         sparsity (`float`, defaults to `0.5`):
             Fraction of weights set to zero in every pruned linear layer, in `[0, 1)`. Ignored for N:M structures,
-            whose sparsity is `N/M`.
+            whose sparsity is `N/M`. For structured pruning: the fraction of the prunable block parameters removed
+            (the linears of the pruned structure kinds: attention q/k/v/o for heads, the MLP for channels).
         structure (`str`, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"` (e.g. `"2:4"`): exactly N zeros in every M consecutive input weights.
+            `"channels"`, `"heads"` or `"channels+heads"`: structured pruning with a structured method
+            (`"structprune"`, `"flap"`, `"wanda-structured"`, `"magnitude-structured"`): whole MLP channels and/or
+            attention heads (under GQA whole KV groups with their query heads) are removed and the linears shrink;
+            see docs/structured.md.
         dataset (`str`, defaults to `"wiki-offline"`):
             Calibration source when `SparsePruner.apply` gets no `dataset`: `"wiki-offline"` (bundled Wikipedia
             text), `"wikitext2"`, `"c4"`, `"ptb"`, any `datasets` name, or a local `.txt`/`.jsonl` file.
@@ -90,6 +99,8 @@ class PruningConfig:
         layer_sparsity (`dict` or `str`, *optional*):
             Per-layer override, `{full module name: sparsity}` or the path of a JSON file holding one; unlisted layers
             share the rest of the budget. Loaded into a dict on construction.
+        multiple_of (`int`, defaults to `8`):
+            Structured pruning only: kept MLP channels per layer are a multiple of this (64 or 128 suit GPUs).
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
@@ -111,6 +122,7 @@ class PruningConfig:
     allocation_kwargs: dict = _help("Allocator parameters.", default_factory=dict)
     layer_sparsity: Optional[Any] = _help("Per-layer sparsity override (dict or JSON path).", None)
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
+    multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this.", 8)
 
     def __post_init__(self):
         from .methods import available_methods, get_method_class
@@ -127,7 +139,7 @@ class PruningConfig:
         nm = parse_structure(self.structure)
         if nm is not None:
             self.sparsity = nm[0] / nm[1]
-        for name in ("num_samples", "seq_len", "block_size", "batch_size"):
+        for name in ("num_samples", "seq_len", "block_size", "batch_size", "multiple_of"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}.")
@@ -162,6 +174,11 @@ class PruningConfig:
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
         get_method_class(self.method).validate_config(self)
+        if self.is_structured and (self.allocation != "uniform" or self.layer_sparsity):
+            raise ValueError(
+                f"PruningConfig.allocation={self.allocation!r} / layer_sparsity apply to unstructured and N:M runs; "
+                "structured methods allocate through method_kwargs['allocation']."
+            )
         from .allocation import validate_allocation
 
         validate_allocation(self)
@@ -170,6 +187,11 @@ class PruningConfig:
     def nm(self) -> Optional[tuple[int, int]]:
         """`(n, m)` for N:M structures, else `None`."""
         return parse_structure(self.structure)
+
+    @property
+    def is_structured(self) -> bool:
+        """Whether whole channels/heads are removed (`structure` in `"channels"`, `"heads"`, `"channels+heads"`)."""
+        return self.structure in STRUCTURED
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-serializable dict."""

@@ -52,6 +52,7 @@ class SparsePruner:
         self.report: Optional[PruningReport] = None
         self.allocation = None  # the layer-wise `Allocation` of the last run (None for plain uniform pruning)
         self.record: Optional[PruningRecord] = None
+        self.structured_summary: Optional[dict] = None  # structured runs: achieved sizes and fractions
 
     def prepare_calibration(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None) -> Optional[torch.Tensor]:
         """Returns the calibration token ids `[n, seq_len]` the run will use (`None` if the method needs none)."""
@@ -76,7 +77,8 @@ class SparsePruner:
             model: an `AutoModelForCausalLM` (any device placement, accelerate device maps included).
             tokenizer: tokenizer for text calibration sources.
             dataset: calibration source, overriding `config.dataset` (see `optimum_sparse.data.calibration`).
-            sparsity_for: optional per-layer sparsity, by full module name; replaces `config.allocation`.
+            sparsity_for: optional per-layer sparsity, by full module name; replaces `config.allocation`. Unstructured
+                and N:M only (structured methods allocate through `method_kwargs["allocation"]`).
             progress: show progress bars.
             checkpoint_dir: save the run's state after every block there (pruned block weights, propagated
                 calibration activations, report; atomic writes), so a killed run can be resumed.
@@ -94,24 +96,37 @@ class SparsePruner:
             raise TypeError(
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
-        check_targets(model, self.config)
-        input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        rank, world_size = world()
-        local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows
-        checkpoint = None
-        if checkpoint_dir is not None:
-            folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
-            checkpoint = RunCheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
         self.allocation = None
-        if sparsity_for is None:
-            from .allocation import allocate
+        if self.config.is_structured:
+            from .structured.runner import plan_structured, run_structured
 
-            self.allocation = allocate(model, self.config, self.method, input_ids, progress)
-            sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
-        self.report = run_sequential(model, self.method, self.config, local_ids, sparsity_for,
-                                     progress and rank == 0, checkpoint)
-        if self.allocation is not None:
-            self.report.allocation = self.allocation.to_dict()
+            if sparsity_for is not None:
+                raise ValueError("sparsity_for applies to unstructured/N:M runs; structured methods allocate through "
+                                 "PruningConfig.method_kwargs['allocation'].")
+            if checkpoint_dir is not None:
+                raise ValueError("checkpoint_dir/resume are not supported by structured methods yet.")
+            plan = plan_structured(model, self.config)  # every check before any change
+            input_ids = self.prepare_calibration(model, tokenizer, dataset)
+            self.report, self.structured_summary = run_structured(model, self.method, self.config, input_ids,
+                                                                  progress, plan=plan)
+        else:
+            check_targets(model, self.config)
+            input_ids = self.prepare_calibration(model, tokenizer, dataset)
+            rank, world_size = world()
+            local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows
+            checkpoint = None
+            if checkpoint_dir is not None:
+                folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
+                checkpoint = RunCheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
+            if sparsity_for is None:
+                from .allocation import allocate
+
+                self.allocation = allocate(model, self.config, self.method, input_ids, progress)
+                sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
+            self.report = run_sequential(model, self.method, self.config, local_ids, sparsity_for,
+                                         progress and rank == 0, checkpoint)
+            if self.allocation is not None:
+                self.report.allocation = self.allocation.to_dict()
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(prune)
     prune.add_argument("--method", default="sparsegpt", choices=available_methods())
     prune.add_argument("--sparsity", type=float, default=0.5)
-    prune.add_argument("--structure", default="unstructured", help="'unstructured' or N:M, e.g. 2:4.")
+    prune.add_argument("--structure", default="unstructured",
+                       help="'unstructured', N:M (e.g. 2:4), or structured: 'channels', 'heads', 'channels+heads' "
+                            "(with --method structprune, flap, wanda-structured or magnitude-structured).")
+    prune.add_argument("--multiple-of", type=int, default=8,
+                       help="Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for GPUs).")
     prune.add_argument("--dataset", default="wiki-offline", help="Calibration source (name, .txt/.jsonl path).")
     prune.add_argument("--num-samples", type=int, default=128)
     prune.add_argument("--seq-len", type=int, default=2048)
@@ -124,6 +128,7 @@ def _cmd_prune(args) -> int:
         device=args.device, ignore=args.ignore, true_sequential=args.true_sequential,
         method_kwargs=json.loads(args.method_kwargs), allocation=args.allocation,
         allocation_kwargs=json.loads(args.allocation_kwargs), layer_sparsity=_json_or_path(args.layer_sparsity),
+        multiple_of=args.multiple_of,
     )
     if args.config:
         base = PruningConfig.from_pretrained(args.config).to_dict()
@@ -144,6 +149,11 @@ def _cmd_prune(args) -> int:
     pruner.apply(model, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     seconds = time.perf_counter() - started
     label = config.structure if config.nm else f"{config.sparsity:.0%}"
+    if pruner.structured_summary:
+        s = pruner.structured_summary
+        print(f"Removed {s['achieved_prunable_fraction']:.2%} of the prunable parameters (target {config.sparsity:.2%}), "
+              f"{s['achieved_model_fraction']:.2%} of the model: {s['model_params_before']:,} -> "
+              f"{s['model_params_after']:,} parameters ({s['format']} config).")
     if args.eval:
         pruned = evaluate()
         pruner.record_perplexity(dense, pruned, args.eval_dataset, args.eval_seq_len, args.eval_windows)

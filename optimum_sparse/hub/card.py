@@ -56,6 +56,8 @@ def _valid_hub_id(value: Optional[str]) -> Optional[str]:
 def _structure_text(structure: str) -> str:
     if structure == "unstructured":
         return "unstructured (any weight may be pruned)"
+    if ":" not in structure:
+        return f"structured ({structure}): whole MLP channels / attention heads removed, the linears are smaller"
     n, m = structure.split(":")
     return f"{structure} semi-structured ({n} zeros in every {m} consecutive input weights)"
 
@@ -216,7 +218,12 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
     what = f"[`{base}`](https://huggingface.co/{base})" if base else "a causal language model"
     summary = (f"This model is {what} pruned after training with **{c.method}** to {_pct(record.mean_sparsity)} sparsity "
                f"({c.structure}) in its decoder blocks, with optimum-sparse.")
-    rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape), "sparsity": _pct(r.sparsity),
+    if c.is_structured:
+        summary = (f"This model is {what} structurally pruned after training with **{c.method}** ({c.structure}): "
+                   f"{_pct(c.sparsity)} of the prunable block parameters removed, a smaller dense model; per-linear "
+                   "'sparsity' below is the fraction of the linear's parameters removed.")
+    rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape),
+             "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity)),
              "error": _num(r.relative_error) if r.relative_error is not None else ""} for r in record.layers]
     card = ModelCard.from_template(
         data, template_path=TEMPLATE_PATH,

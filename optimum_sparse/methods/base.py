@@ -59,6 +59,10 @@ class PruningMethod:
     @classmethod
     def validate_config(cls, config: "PruningConfig") -> None:
         """Raises `ValueError` for settings this method does not support. Called by `PruningConfig`."""
+        if config.is_structured:
+            structured = sorted(n for n, c in _REGISTRY.items() if getattr(c, "structured", False))
+            raise ValueError(f"PruningConfig.structure={config.structure!r} needs a structured method {structured}; "
+                             f"{config.method!r} prunes unstructured or N:M.")
         nm = config.nm
         if nm is not None and config.block_size % nm[1]:
             raise ValueError(

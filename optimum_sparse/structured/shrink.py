@@ -1,0 +1,193 @@
+"""Physically shrinking a decoder block, and writing the new sizes into the model's config.
+
+After pruning, every resized linear is a new, smaller module (contiguous weights): the model is a plain dense
+model that runs faster everywhere. `finalize_config` then records the sizes:
+
+- if every block has the same sizes and the stock config can express them (`intermediate_size`/`ffn_dim`/
+  `n_inner`; `num_attention_heads`, `num_key_value_heads`, `head_dim` for Llama-like models) and no bias was
+  added, the stock config is edited: the checkpoint loads anywhere (transformers, vLLM, llama.cpp);
+- otherwise the model becomes an instance of the matching `Pruned*` class of `modeling_pruned.py` (a subclass of
+  the stock class) and the config gets `pruned_modules`/`pruned_attributes`; `save_pretrained` copies
+  `modeling_pruned.py` beside the weights and writes `auto_map`, so `AutoModelForCausalLM.from_pretrained(folder,
+  trust_remote_code=True)` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..engine.linears import in_features
+from .layout import HeadGeometry, StructuredLayout
+from .modeling_pruned import PRUNED_CLASSES
+
+__all__ = ["out_features", "resize_linear", "shrink_heads", "shrink_channels", "finalize_config", "count_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, tied tensors counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def resize_linear(module: nn.Module, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None,
+                  weight: Optional[torch.Tensor] = None, bias_delta: Optional[torch.Tensor] = None) -> nn.Module:
+    """A new linear keeping output `rows` and input `cols` of `module` (`[out, in]` convention, Conv1D included).
+
+    Args:
+        rows, cols: indices to keep (`None`: all).
+        weight: float32 `[len(rows), len(cols)]` weight to use instead of the sliced one (compensated weights).
+        bias_delta: added to the (kept) bias; a bias is created when the module has none.
+    """
+    w = module.weight.detach()
+    w = w.t() if _is_conv1d(module) else w  # [out, in]
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    if weight is not None:
+        if tuple(weight.shape) != tuple(w.shape):
+            raise ValueError(f"Compensated weight has shape {tuple(weight.shape)}, expected {tuple(w.shape)}.")
+        if not torch.isfinite(weight).all():
+            raise FloatingPointError("Refusing to write non-finite values into a pruned weight.")
+        w = weight.to(dtype=w.dtype, device=w.device)
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    if bias is not None and rows is not None:
+        bias = bias.index_select(0, rows.to(bias.device))
+    if bias_delta is not None:
+        if not torch.isfinite(bias_delta).all():
+            raise FloatingPointError("Refusing to write a non-finite bias.")
+        base = bias if bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        bias = (base.to(torch.float32) + bias_delta.to(base.device, torch.float32)).to(w.dtype)
+    out_f, in_f = w.shape
+    if _is_conv1d(module):
+        new = type(module)(out_f, in_f)
+        new.weight = nn.Parameter(w.t().contiguous(), requires_grad=module.weight.requires_grad)
+        new.bias = nn.Parameter((bias if bias is not None else torch.zeros(out_f, dtype=w.dtype, device=w.device)).contiguous())
+    else:
+        new = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+        new.weight = nn.Parameter(w.contiguous(), requires_grad=module.weight.requires_grad)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.contiguous())
+    return new
+
+
+def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child, new)
+
+
+def _expand(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the `width` consecutive features of every kept group."""
+    return (groups.unsqueeze(1) * width + torch.arange(width, device=groups.device)).reshape(-1)
+
+
+def shrink_heads(block: nn.Module, layout: StructuredLayout, geometry: HeadGeometry, keep: torch.Tensor,
+                 o_weight: Optional[torch.Tensor] = None, o_bias_delta: Optional[torch.Tensor] = None) -> None:
+    """Keeps the KV groups `keep` (sorted indices) of `block`'s attention.
+
+    `o_weight` (`[hidden, kept·group_width]`) replaces the kept output-projection columns (compensation);
+    `o_bias_delta` is added to its bias.
+    """
+    keep = keep.sort().values.to(torch.long)
+    num_groups = geometry.num_groups(block, layout)
+    q_rows = _expand(keep, geometry.group_width)
+    kv_rows = _expand(keep, geometry.head_dim)
+    if layout.qkv:
+        q_width = num_groups * geometry.group_width
+        kv_width = num_groups * geometry.head_dim
+        rows = torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
+        _replace(block, layout.qkv, resize_linear(block.get_submodule(layout.qkv), rows=rows))
+    else:
+        for name, rows in ((layout.q, q_rows), (layout.k, kv_rows), (layout.v, kv_rows)):
+            _replace(block, name, resize_linear(block.get_submodule(name), rows=rows))
+    _replace(block, layout.o, resize_linear(block.get_submodule(layout.o), cols=q_rows, weight=o_weight,
+                                            bias_delta=o_bias_delta))
+    attention = block.get_submodule(layout.attention)
+    for attribute in layout.head_attributes:
+        if attribute == "num_heads":
+            setattr(attention, attribute, len(keep) * geometry.q_per_kv)
+        elif attribute == "split_size":
+            setattr(attention, attribute, len(keep) * geometry.group_width)
+
+
+def shrink_channels(block: nn.Module, layout: StructuredLayout, keep: torch.Tensor,
+                    down_weight: Optional[torch.Tensor] = None, down_bias_delta: Optional[torch.Tensor] = None) -> None:
+    """Keeps the MLP channels `keep` of `block` (rows of the inputs, columns of the output projection)."""
+    keep = keep.sort().values.to(torch.long)
+    for name in layout.mlp_inputs:
+        _replace(block, name, resize_linear(block.get_submodule(name), rows=keep))
+    _replace(block, layout.mlp_output, resize_linear(block.get_submodule(layout.mlp_output), cols=keep,
+                                                      weight=down_weight, bias_delta=down_bias_delta))
+
+
+def _stock_fields(model_type: str) -> tuple[Optional[str], bool]:
+    """`(config field of the MLP width, whether head counts are expressible in the stock config)`."""
+    return {
+        "llama": ("intermediate_size", True), "mistral": ("intermediate_size", True),
+        "qwen2": ("intermediate_size", True), "qwen3": ("intermediate_size", True),
+        "opt": ("ffn_dim", False), "gpt2": ("n_inner", False),
+    }.get(model_type, (None, False))
+
+
+def finalize_config(model: nn.Module, layout: StructuredLayout, geometry: HeadGeometry, blocks: nn.ModuleList,
+                    prefix: str, original_shapes: dict[str, tuple[int, int, bool]]) -> str:
+    """Records the new sizes in `model.config`; returns the format used (`"stock"` or `"per-layer"`).
+
+    Args:
+        original_shapes: `{full linear name: (out, in, has_bias)}` before pruning, for every prunable linear.
+    """
+    config = model.config
+    current = {}
+    for name in original_shapes:
+        module = model.get_submodule(name)
+        current[name] = (out_features(module), in_features(module), getattr(module, "bias", None) is not None)
+    changed = {name: shape for name, shape in current.items() if shape != original_shapes[name]}
+    if not changed:
+        return "stock"
+    mlp_field, heads_in_stock = _stock_fields(config.model_type)
+    widths = {in_features(block.get_submodule(layout.mlp_output)) for block in blocks}
+    groups = {geometry.num_groups(block, layout) for block in blocks}
+    original_groups = config.num_attention_heads // geometry.q_per_kv
+    bias_added = any(shape[2] and not original_shapes[name][2] for name, shape in current.items())
+    uniform = len(widths) == 1 and len(groups) == 1 and not bias_added
+    if uniform and (heads_in_stock or groups == {original_groups}) and mlp_field is not None:
+        setattr(config, mlp_field, widths.pop())
+        if heads_in_stock:
+            kept = groups.pop()
+            config.head_dim = geometry.head_dim
+            config.num_key_value_heads = kept
+            config.num_attention_heads = kept * geometry.q_per_kv
+        return "stock"
+    name_of_class = type(model).__name__
+    pruned_class = name_of_class if name_of_class in PRUNED_CLASSES.values() else PRUNED_CLASSES.get(name_of_class)
+    if pruned_class is None:
+        raise ValueError(f"No per-layer pruned class for {type(model).__name__}; supported: {sorted(PRUNED_CLASSES)}.")
+    from . import modeling_pruned
+
+    # a model pruned before keeps its earlier entries (current shapes win)
+    previous = dict(getattr(config, "pruned_modules", None) or {})
+    previous.update({name: list(shape) for name, shape in changed.items()})
+    config.pruned_modules = dict(sorted(previous.items()))
+    config.pruned_attributes = dict(getattr(config, "pruned_attributes", None) or {})
+    if layout.head_attributes:
+        for index, block in enumerate(blocks):
+            attention = block.get_submodule(layout.attention)
+            config.pruned_attributes[f"{prefix}.{index}.{layout.attention}"] = {
+                a: int(getattr(attention, a)) for a in layout.head_attributes}
+    model.__class__ = getattr(modeling_pruned, pruned_class)
+    logger.info("Layers have different sizes: saving with per-layer shapes (%s, trust_remote_code=True).", pruned_class)
+    return "per-layer"
