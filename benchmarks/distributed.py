@@ -90,6 +90,8 @@ def main(argv=None) -> int:
             reference = weights
         else:
             run["masks_equal_to_first_run"] = all(torch.equal(weights[k] == 0, reference[k] == 0) for k in reference)
+            run["mask_agreement_with_first_run"] = (sum(int(((weights[k] == 0) == (reference[k] == 0)).sum())
+                                                        for k in reference) / sum(v.numel() for v in reference.values()))
             run["max_abs_weight_difference_to_first_run"] = max(float((weights[k] - reference[k]).abs().max())
                                                                  for k in reference)
         logging.info("%d process(es): prune %s s, peak RSS %s MiB, ppl %.3f", n,
