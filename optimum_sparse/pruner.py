@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .config import PruningConfig
 from .data.calibration import get_calibration_ids
-from .engine.sequential import PruningReport, check_targets, run_sequential
+from .engine.sequential import PruningReport, check_targets
 from .methods import get_method_class
 from .serialization import RECORD_NAME as REPORT_NAME
 from .serialization import SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, build_sparsity_config
@@ -79,7 +79,7 @@ class SparsePruner:
             )
         check_targets(model, self.config)
         input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        self.report = run_sequential(model, self.method, self.config, input_ids, sparsity_for, progress)
+        self.report = self.method.prune_model(model, input_ids, sparsity_for, progress, tokenizer=tokenizer)
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

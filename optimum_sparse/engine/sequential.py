@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruningReport:
-    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, timing."""
+    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, run-level diagnostics (e.g.
+    ELSA's training history), timing."""
 
     method: str
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
 
     @property
     def mean_sparsity(self) -> float:
@@ -49,6 +51,7 @@ class PruningReport:
             "mean_sparsity": self.mean_sparsity,
             "layers": [r.to_dict() for r in self.layers],
             "blocks": self.blocks,
+            **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
         }
 
 
