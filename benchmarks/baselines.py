@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"Methods to run (default: {' '.join(METHODS)}).")
     p.add_argument("--settings", nargs="+", default=SETTINGS,
                    help=f"Sparsity settings: percentages or fractions (unstructured) and N:M (default: {' '.join(SETTINGS)}).")
+    p.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "METHOD", "KWARGS_JSON"),
+                   help="An extra run per setting: METHOD with these method_kwargs, recorded under LABEL "
+                        "(e.g. --variant alps+sparsegpt alps '{\"warm_start\": \"sparsegpt\"}'). Repeatable.")
     p.add_argument("--no-dense", action="store_true", help="Skip the dense reference run.")
     p.add_argument("--dataset", default="wiki-offline", help="Calibration and evaluation source.")
     p.add_argument("--num-samples", type=int, default=64, help="Calibration windows.")
@@ -65,6 +68,12 @@ def sparsity_of_blocks(model) -> float:
             zeros += int((module.weight == 0).sum())
             total += module.weight.numel()
     return zeros / total if total else 0.0
+
+
+def _mean_layer_error(report) -> float | None:
+    """Mean relative reconstruction error `‖ΔW X‖² / ‖W X‖²` over the pruned layers (None when not measured)."""
+    errors = [r.relative_error for r in (report.layers if report is not None else []) if r.relative_error is not None]
+    return sum(errors) / len(errors) if errors else None
 
 
 def markdown_table(results: dict) -> str:
@@ -101,7 +110,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from optimum_sparse import PruningConfig, SparsePruner
 
-    unknown = sorted(set(args.methods) - set(METHODS))
+    variants = {label: (method, json.loads(kwargs)) for label, method, kwargs in args.variant}
+    unknown = sorted((set(args.methods) | {method for method, _ in variants.values()}) - set(METHODS))
     if unknown:
         from optimum_sparse.methods import available_methods
 
@@ -162,7 +172,7 @@ def main(argv=None) -> int:
     done = {(r["method"], r["setting"]) for r in results["runs"]}
 
     plan = [] if args.no_dense else [("dense", "unstructured", 0.0)]
-    plan += [(m, structure, sparsity) for structure, sparsity in settings for m in args.methods]
+    plan += [(m, structure, sparsity) for structure, sparsity in settings for m in [*args.methods, *variants]]
     for method, structure, sparsity in plan:
         label = "dense" if method == "dense" else setting_label(structure, sparsity)
         if (method, label) in done:
@@ -173,10 +183,11 @@ def main(argv=None) -> int:
         report = None
         with PeakMemory(args.device) as mem, timed() as t_prune:
             if method != "dense":
-                config = PruningConfig(method=method, sparsity=sparsity if structure == "unstructured" else 0.5,
+                name, kwargs = variants.get(method, (method, {}))
+                config = PruningConfig(method=name, sparsity=sparsity if structure == "unstructured" else 0.5,
                                        structure=structure, dataset=args.dataset, num_samples=args.num_samples,
                                        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-                                       device=args.device)
+                                       device=args.device, method_kwargs=kwargs)
                 pruner = SparsePruner(config)
                 pruner.apply(model, dataset=calib, progress=False)
                 report = pruner.report
@@ -186,6 +197,7 @@ def main(argv=None) -> int:
             ppl = perplexity(model, stream, args.eval_seq_len, windows, args.eval_batch_size)
         run = {
             "method": method,
+            **({"base_method": variants[method][0], "method_kwargs": variants[method][1]} if method in variants else {}),
             "setting": label,
             "structure": structure,
             "target_sparsity": sparsity,
@@ -194,6 +206,7 @@ def main(argv=None) -> int:
             "prune_seconds": round(t_prune["wall"], 2) if method != "dense" else 0.0,
             "prune_cpu_seconds": round(t_prune["cpu"], 2) if method != "dense" else 0.0,
             "engine_seconds": round(report.seconds, 2) if report is not None else None,
+            "mean_layer_error": _mean_layer_error(report),
             "eval_seconds": round(t_eval["wall"], 2),
             "memory": mem.to_dict() if method != "dense" else None,
             "memory_method": mem.method,

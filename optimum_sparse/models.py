@@ -37,4 +37,9 @@ def load_model_and_tokenizer(name: str, dtype: Any = "auto", **kwargs):
     path, extra = resolve_model(name)
     tokenizer = AutoTokenizer.from_pretrained(path, **extra)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if "gguf_file" in extra and quantizer is not None:
+        # transformers dequantizes every GGUF tensor on load, yet keeps the model flagged as quantized, which makes
+        # `save_pretrained` and the `Trainer` refuse it: it is an ordinary float model, so drop the flag.
+        quantizer.remove_quantization_config(model)
     return model, tokenizer

@@ -13,8 +13,9 @@ from .config import PruningConfig
 from .data.calibration import get_calibration_ids
 from .engine.checkpoint import RunCheckpoint, run_fingerprint
 from .engine.distributed import shard_rows, world
-from .engine.sequential import PruningReport, check_targets, run_sequential
+from .engine.sequential import PruningReport, check_targets
 from .methods import get_method_class
+from .methods.base import PruningMethod
 from .serialization import RECORD_NAME as REPORT_NAME
 from .serialization import SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, build_sparsity_config
 
@@ -123,8 +124,9 @@ class SparsePruner:
 
                 self.allocation = allocate(model, self.config, self.method, input_ids, progress)
                 sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
-            self.report = run_sequential(model, self.method, self.config, local_ids, sparsity_for,
-                                         progress and rank == 0, checkpoint)
+            whole_model = type(self.method).prune_model is not PruningMethod.prune_model  # e.g. ELSA: its own data split
+            self.report = self.method.prune_model(model, input_ids if whole_model else local_ids, sparsity_for,
+                                                  progress and rank == 0, tokenizer=tokenizer, checkpoint=checkpoint)
             if self.allocation is not None:
                 self.report.allocation = self.allocation.to_dict()
         model.pruning_config = self.config

@@ -206,6 +206,7 @@ class BlockJob:
             )
             for name in group:
                 original = read_weight(self.linears[name], self.device)
-                new, mask = method.prune_weight(original.clone(), stats[name], self.sparsity_for(self.full_name(name)))
-                self.apply_weight(name, original, new, mask, stats[name])
+                full = self.full_name(name)
+                new, mask, *extra = method.prune_layer(full, original.clone(), stats[name], self.sparsity_for(full))
+                self.apply_weight(name, original, new, mask, stats[name], **(extra[0] if extra else {}))
                 stats[name] = None

@@ -30,13 +30,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PruningReport:
-    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, timing."""
+    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, run-level diagnostics (e.g.
+    ELSA's training history), timing."""
 
     method: str
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
     allocation: Optional[dict] = None  # `Allocation.to_dict()` when a layer-wise allocation was used
+    diagnostics: dict = field(default_factory=dict)
 
     @property
     def mean_sparsity(self) -> float:
@@ -52,6 +54,7 @@ class PruningReport:
             "layers": [r.to_dict() for r in self.layers],
             "blocks": self.blocks,
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
         }
 
 

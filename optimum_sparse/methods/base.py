@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
     from ..engine.block import BlockJob
+    from ..engine.sequential import PruningReport
 
-__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods"]
+__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config"]
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
 
@@ -47,7 +48,8 @@ class PruningMethod:
 
     A subclass sets `name` and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
     collects) and implements `prune_weight`. Methods that solve several linears jointly (SparseLLM) override
-    `prune_block`, which receives a `BlockJob` from the engine.
+    `prune_block`, which receives a `BlockJob` from the engine. Methods that do not work block by block (ELSA trains
+    the whole model) override `prune_model`.
     """
 
     name: ClassVar[str] = ""
@@ -87,9 +89,27 @@ class PruningMethod:
         """
         raise NotImplementedError
 
+    def prune_layer(self, name: str, weight: torch.Tensor, stats: Optional[LinearStats],
+                    sparsity: float) -> tuple[torch.Tensor, ...]:
+        """Prunes the weight of the linear `name` (its full module name); the engine's entry point for local pruning.
+
+        The default calls `prune_weight`. A method may return a third element, a dict of diagnostics recorded in the
+        layer's report.
+        """
+        return self.prune_weight(weight, stats, sparsity)
+
     def prune_block(self, job: "BlockJob") -> None:
         """Prunes every target linear of a block. The default prunes each linear on its own statistics."""
         job.prune_locally(self)
+
+    def prune_model(self, model: "torch.nn.Module", input_ids: Optional[torch.Tensor],
+                    sparsity_for: Optional[Callable[[str], float]] = None, progress: bool = True,
+                    tokenizer: Any = None, checkpoint: Any = None) -> "PruningReport":
+        """Prunes `model` in place and returns the report. The default runs the block-sequential engine (with an
+        optional `RunCheckpoint`)."""
+        from ..engine.sequential import run_sequential
+
+        return run_sequential(model, self, self.config, input_ids, sparsity_for, progress, checkpoint)
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
@@ -108,3 +128,22 @@ def get_method_class(name: str) -> type[PruningMethod]:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def warm_start_config(config: "PruningConfig", options: dict, exclude: tuple = ()) -> Optional["PruningConfig"]:
+    """The config of the method named by `options["warm_start"]` (same run settings, its own `warm_start_kwargs`), or
+    `None` when there is no warm start. Raises `ValueError` naming the option for a bad method or bad kwargs."""
+    import dataclasses
+
+    warm, kwargs = options.get("warm_start"), options.get("warm_start_kwargs") or {}
+    if warm is None:
+        if kwargs:
+            raise ValueError("method_kwargs['warm_start_kwargs'] is given without a 'warm_start' method.")
+        return None
+    allowed = [m for m in available_methods() if m not in exclude and m != config.method
+               and not getattr(get_method_class(m), "structured", False)]  # whole channels: not a mask warm start
+    if warm not in allowed:
+        raise ValueError(f"method_kwargs['warm_start'] must be None or one of {allowed}, got {warm!r}.")
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"method_kwargs['warm_start_kwargs'] must be a dict, got {kwargs!r}.")
+    return dataclasses.replace(config, method=warm, method_kwargs=dict(kwargs))

@@ -51,6 +51,7 @@ class PruningRecord:
         layers (`list[LayerReport]`): per pruned linear: name, shape `[out, in]`, sparsity, relative reconstruction
             error `‖ΔW X‖² / ‖W X‖²` on the calibration inputs (when the method measured it).
         blocks (`list[dict]`): per-block timing and method diagnostics.
+        diagnostics (`dict`): run-level method diagnostics (ELSA's training history, a warm start).
         seconds (`float`): pruning wall time.
         calibration (`dict`): the calibration data actually used: `source`, `num_samples`, `seq_len`, `seed`.
         perplexity (`dict`, *optional*): `{"dense", "pruned", "dataset", "seq_len", "windows"}` when measured.
@@ -65,6 +66,7 @@ class PruningRecord:
     layers: list = field(default_factory=list)
     blocks: list = field(default_factory=list)
     seconds: float = 0.0
+    diagnostics: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     perplexity: Optional[dict] = None
     base_model: Optional[str] = None
@@ -82,7 +84,8 @@ class PruningRecord:
             source = config.dataset
         calibration = describe_calibration(source, config, input_ids)
         return cls(config=config, layers=list(report.layers), blocks=list(report.blocks), seconds=report.seconds,
-                   calibration=calibration, base_model=_hub_id(model), allocation=report.allocation)
+                   calibration=calibration, base_model=_hub_id(model), allocation=report.allocation,
+                   diagnostics=dict(report.diagnostics))
 
     @property
     def method(self) -> str:
@@ -95,7 +98,8 @@ class PruningRecord:
     @property
     def report(self) -> PruningReport:
         return PruningReport(method=self.method, layers=list(self.layers), blocks=list(self.blocks),
-                             seconds=self.seconds, allocation=self.allocation)
+                             seconds=self.seconds, allocation=self.allocation,
+                             diagnostics=dict(self.diagnostics))
 
     @property
     def mean_sparsity(self) -> float:
@@ -133,6 +137,7 @@ class PruningRecord:
             "layers": [r.to_dict() for r in self.layers],
             "blocks": self.blocks,
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
         })
 
     @classmethod
@@ -147,7 +152,8 @@ class PruningRecord:
                                       sparsity=entry.pop("sparsity"), relative_error=entry.pop("relative_error", None),
                                       extra=entry))
         return cls(config=PruningConfig.from_dict(data["config"]), layers=layers, blocks=list(data.get("blocks", [])),
-                   seconds=float(data.get("seconds", 0.0)), calibration=dict(data.get("calibration") or {}),
+                   seconds=float(data.get("seconds", 0.0)), diagnostics=dict(data.get("diagnostics") or {}),
+                   calibration=dict(data.get("calibration") or {}),
                    perplexity=data.get("perplexity"), base_model=data.get("base_model"),
                    library_version=data.get("library_version", "unknown"), allocation=data.get("allocation"))
 
