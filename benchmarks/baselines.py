@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="Model alias, folder or Hub id (float32).")
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"Methods to run (default: {' '.join(METHODS)}).")
     p.add_argument("--settings", nargs="+", default=SETTINGS,
-                   help=f"Sparsity settings: percentages or fractions (unstructured) and N:M (default: {' '.join(SETTINGS)}).")
+                   help=f"Sparsity settings: percentages or fractions (unstructured) and N:M (default: {' '.join(SETTINGS).replace('%', '%%')}).")
     p.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "METHOD", "KWARGS_JSON"),
                    help="An extra run per setting: METHOD with these method_kwargs, recorded under LABEL "
                         "(e.g. --variant alps+sparsegpt alps '{\"warm_start\": \"sparsegpt\"}'). Repeatable.")

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="Model alias, folder or Hub id (float32).")
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"Structured methods (default: {' '.join(METHODS)}).")
-    p.add_argument("--ratios", nargs="+", default=RATIOS, help=f"Fractions of prunable parameters (default: {' '.join(RATIOS)}).")
+    p.add_argument("--ratios", nargs="+", default=RATIOS, help=f"Fractions of prunable parameters (default: {' '.join(RATIOS).replace('%', '%%')}).")
     p.add_argument("--structure", default="channels+heads", choices=["channels", "heads", "channels+heads"])
     p.add_argument("--multiple-of", type=int, default=8, help="Kept MLP channels per layer are a multiple of this.")
     p.add_argument("--method-kwargs", default="{}", help="JSON dict of method kwargs applied to every method that takes them.")

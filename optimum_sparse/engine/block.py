@@ -154,6 +154,7 @@ class BlockJob:
                 all_reduce_sum(stat.hessian)
                 all_reduce_sum(stat.sq_norms)
                 stat.num_tokens = int(all_reduce_scalar(stat.num_tokens))
+                stat.finalize()
         for name, owner in shared.items():
             stats[name] = stats[owner]
         return stats

@@ -3,8 +3,10 @@
 When `torch.distributed` is initialised with more than one process, each rank keeps every `world_size`-th calibration
 window (so it holds 1/N of the activations), accumulates its statistics locally, and the sums are all-reduced before
 any method uses them (`XᵀX`, input norms, token counts, SparseLLM's normal-equation terms). Every rank then runs the
-same deterministic solves on the same sums and writes the same weights, so N processes give the model one process
-gives, up to the order of float32 additions.
+same deterministic solves on the same sums and writes the same weights. The per-linear statistics are sums of
+per-window float32 products taken in float64 (`LinearStats`), so they do not depend on how windows are batched or
+split, and N processes give bit for bit the model one process gives (with as many threads per process; SparseLLM's
+float32 normal-equation sums only up to summation order).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def stats_for(x: torch.Tensor) -> LinearStats:
     stats = LinearStats()
     stats.add(x[: len(x) // 2], want_hessian=True)  # accumulated over two batches, like the engine does
     stats.add(x[len(x) // 2 :], want_hessian=True)
-    return stats
+    return stats.finalize()
 
 
 def prune(method: str, weight: torch.Tensor, x: torch.Tensor, sparsity: float, **config_kwargs):
@@ -53,6 +53,7 @@ def test_linear_stats_accumulate():
     # 3-D inputs [batch, seq, features] are flattened over tokens
     stats3 = LinearStats()
     stats3.add(x.view(5, 10, 12), want_hessian=False)
+    stats3.finalize()
     assert stats3.hessian is None and stats3.num_tokens == 50
     torch.testing.assert_close(stats3.sq_norms, stats.sq_norms)
 
