@@ -89,6 +89,7 @@ def main(argv=None) -> int:
         if reference is None:
             reference = weights
         else:
+            run["weights_equal_to_first_run"] = all(torch.equal(weights[k], reference[k]) for k in reference)
             run["masks_equal_to_first_run"] = all(torch.equal(weights[k] == 0, reference[k] == 0) for k in reference)
             run["mask_agreement_with_first_run"] = (sum(int(((weights[k] == 0) == (reference[k] == 0)).sum())
                                                         for k in reference) / sum(v.numel() for v in reference.values()))
