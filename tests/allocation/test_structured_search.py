@@ -268,3 +268,21 @@ def test_cli_structured_search(tmp_path, tokenizer, capsys):
     saved = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
     assert saved["allocation"] == "search"
     assert "--allocation search" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch,method,structure", [("gpt2", "magnitude-structured", "channels+heads"),
+                                                   ("qwen2", "wanda-structured", "heads"),
+                                                   ("llama", "flap", "channels")])
+def test_other_architectures_structures_and_data_free_methods(arch, method, structure, tmp_path):
+    model = make_model(arch, num_layers=3)
+    pruner = SparsePruner(_config(method, 0.4 if structure == "heads" else 0.3, structure))
+    pruner.apply(model, dataset=make_ids(), progress=False)  # the search scores on calibration data even data-free
+    s = pruner.allocation.info["structured"]
+    assert set(k.rsplit(".", 1)[1] for k in s["kept_groups"]) == set(structure.split("+"))
+    assert s["removed_params"] == s["start_removed_params"]
+    ids = make_ids(2, 16, seed=3)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, trust_remote_code=pruner.structured_summary["format"] != "stock").eval()
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-6, rtol=1e-5)
