@@ -10,6 +10,14 @@ runs) and a markdown table is printed.
 
     python benchmarks/structured.py --threads 1 --num-samples 16 --seq-len 512 --max-windows 32
     python benchmarks/structured.py --methods structprune --ratios 30% --max-windows 8 --output /tmp/probe.json
+
+Layer-wise allocation rows (`--allocations`): `method` is the method's own rule (StructPrune: softmax; FLAP:
+threshold; Wanda-/magnitude-structured: uniform; or what `--method-kwargs` sets), `uniform` forces the uniform rule,
+`search` runs the Týr-style structured search (`PruningConfig.allocation="search"`, settings from `--search-kwargs`;
+a `state_dir` there gets one sub-folder per method and ratio, so an interrupted search resumes):
+
+    python benchmarks/structured.py --methods structprune --ratios 30% 50% --allocations uniform method search \
+        --search-kwargs '{"generations": 12, "offspring": 8, "survivors": 2, "search_samples": 4}' --resume
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ logger = logging.getLogger("benchmarks.structured")
 
 METHODS = ["wanda-structured", "flap", "structprune"]
 RATIOS = ["10%", "20%", "30%", "50%"]
+ALLOCATIONS = ["method", "uniform", "search"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="channels+heads", choices=["channels", "heads", "channels+heads"])
     p.add_argument("--multiple-of", type=int, default=8, help="Kept MLP channels per layer are a multiple of this.")
     p.add_argument("--method-kwargs", default="{}", help="JSON dict of method kwargs applied to every method that takes them.")
+    p.add_argument("--allocations", nargs="+", default=["method"], choices=ALLOCATIONS,
+                   help="Layer-wise allocations: the method's own rule, uniform, and/or the structured search.")
+    p.add_argument("--search-kwargs", default="{}", help="JSON allocation_kwargs of the search (docs/structured.md).")
     p.add_argument("--dataset", default="wiki-offline", help="Calibration and evaluation source.")
     p.add_argument("--num-samples", type=int, default=16, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window.")
@@ -101,13 +113,13 @@ def measure_speed(model, vocab: int, seq_len: int, repeats: int, device: str) ->
 def markdown_table(results: dict) -> str:
     runs = results["runs"]
     dense = next((r for r in runs if r["method"] == "dense"), None)
-    lines = ["| method | ratio | achieved (prunable) | achieved (model) | params | ppl | latency b1 ms | speed-up b1 | "
-             "tok/s b8 | speed-up b8 | prune s |", "|" + "---|" * 11]
+    lines = ["| method | ratio | allocation | achieved (prunable) | achieved (model) | params | ppl | latency b1 ms | "
+             "speed-up b1 | tok/s b8 | speed-up b8 | prune s |", "|" + "---|" * 12]
     for r in runs:
         speed = r.get("speed") or {}
         b1, b8 = speed.get("batch1"), speed.get("batch8")
         lines.append("| " + " | ".join([
-            r["method"], r["setting"],
+            r["method"], r["setting"], r.get("allocation_label", "–"),
             f"{100 * r['achieved_prunable_fraction']:.1f}%", f"{100 * r['achieved_model_fraction']:.1f}%",
             f"{r['model_params'] / 1e6:.1f}M", f"{r['perplexity']:.2f}",
             f"{1000 * b1['median_seconds']:.0f}" if b1 else "–", f"{r.get('speedup_batch1', 1.0):.2f}×" if b1 else "–",
@@ -159,22 +171,34 @@ def main(argv=None) -> int:
         if previous.get("settings") == settings:
             results["runs"] = previous["runs"]
             results["resumed_commands"] = previous.get("resumed_commands", []) + [previous.get("command")]
-    done = {(r["method"], r["setting"]) for r in results["runs"]}
+    search_kwargs = json.loads(args.search_kwargs)
+    done = {(r["method"], r["setting"], r.get("allocation", "method")) for r in results["runs"]}
     vocab = dense_model.config.vocab_size
-    plan = [("dense", 0.0)] + [(m, r) for r in ratios for m in args.methods]
+    plan = [("dense", 0.0, "method")] + [(m, r, a) for r in ratios for m in args.methods for a in args.allocations]
     dense_run = next((r for r in results["runs"] if r["method"] == "dense"), None)
-    for method, ratio in plan:
+    for method, ratio, allocation in plan:
         label = "dense" if method == "dense" else f"{round(100 * ratio)}%"
-        if (method, label) in done:
-            continue
+        allowed = get_method_class(method).allowed_kwargs if method != "dense" else ()
+        kwargs = {k: v for k, v in method_kwargs.items() if k in allowed}
+        rule = kwargs.get("allocation", get_method_class(method).default_allocation) if method != "dense" else "-"
+        if (method, label, allocation) in done or (allocation == "method" and rule == "uniform" and "uniform" in
+                                                   args.allocations and method != "dense"):
+            continue  # already measured (or the method's own rule is the uniform row)
         model = copy.deepcopy(dense_model) if method != "dense" else dense_model
-        summary, prune_seconds = None, 0.0
+        summary, prune_seconds, pruner = None, 0.0, None
         if method != "dense":
-            allowed = get_method_class(method).allowed_kwargs
+            extra = {}
+            if allocation == "uniform":
+                kwargs["allocation"] = rule = "uniform"
+            elif allocation == "search":
+                extra = {"allocation": "search", "allocation_kwargs": dict(search_kwargs)}
+                if search_kwargs.get("state_dir"):  # one resumable state per run
+                    extra["allocation_kwargs"]["state_dir"] = os.path.join(search_kwargs["state_dir"], f"{method}_{label[:-1]}")
+                rule = f"search(init={search_kwargs.get('init', 'uniform')})"
             config = PruningConfig(method=method, sparsity=ratio, structure=args.structure, dataset=args.dataset,
                                    num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
                                    batch_size=args.batch_size, device=args.device, multiple_of=args.multiple_of,
-                                   method_kwargs={k: v for k, v in method_kwargs.items() if k in allowed})
+                                   method_kwargs=kwargs, **extra)
             with timed() as t_prune:
                 pruner = SparsePruner(config)
                 pruner.apply(model, dataset=calib, progress=False)
@@ -190,7 +214,17 @@ def main(argv=None) -> int:
             "perplexity": ppl, "prune_seconds": round(prune_seconds, 2), "eval_seconds": round(t_eval["wall"], 2),
             "speed": speed, "loadavg_after": loadavg(),
             "layers": summary["layers"] if summary else None, "format": summary["format"] if summary else None,
+            "allocation": allocation, "allocation_label": rule, "method_kwargs": kwargs,
         }
+        alloc = pruner.allocation if pruner is not None else None
+        if alloc is not None:  # kept fraction per module; for the search its settings, history, time and disk
+            info = alloc.info
+            run["kept_fraction"] = info["structured"]["kept_fraction"]
+            if allocation == "search":
+                run.update(search_kwargs={k: v for k, v in info.items() if k not in ("history", "structured")},
+                           search_history=info["history"], search_seconds=info["seconds"],
+                           search_disk_bytes=info["disk_bytes"], search_final_fitness=info["final_fitness"],
+                           search_start_kept_groups=info["structured"]["start_kept_groups"])
         if method == "dense":
             dense_run = run
         elif speed and dense_run and dense_run.get("speed"):
@@ -199,7 +233,7 @@ def main(argv=None) -> int:
         results["runs"].append(run)
         results["total_seconds"] = round(time.perf_counter() - started_all, 1)
         write_json(output, results)
-        logger.info("%-17s %-5s ppl %8.3f params %.1fM prune %.0fs speed-up b1 %s b8 %s", method, label, ppl,
+        logger.info("%-17s %-5s %-22s ppl %8.3f params %.1fM prune %.0fs speed-up b1 %s b8 %s", method, label, rule, ppl,
                     run["model_params"] / 1e6, prune_seconds, run.get("speedup_batch1"), run.get("speedup_batch8"))
         if method != "dense":
             del model, pruner

@@ -93,7 +93,8 @@ class PruningConfig:
         allocation (`str`, defaults to `"uniform"`):
             How the global sparsity is split over the pruned linears: `"uniform"`, `"owl"` (outlier-weighted) or
             `"search"` (Týr-style evolutionary search). Every allocation prunes exactly `sparsity` of the pruned
-            layers' parameters. See `docs/allocation.md`.
+            layers' parameters. See `docs/allocation.md`. Structured runs take `"uniform"` (the method's own rule,
+            `method_kwargs["allocation"]`) or `"search"` (kept heads/channels per block searched, docs/structured.md).
         allocation_kwargs (`dict`, defaults to `{}`):
             Allocator parameters: OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`).
         layer_sparsity (`dict` or `str`, *optional*):
@@ -174,10 +175,11 @@ class PruningConfig:
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
         get_method_class(self.method).validate_config(self)
-        if self.is_structured and (self.allocation != "uniform" or self.layer_sparsity):
+        if self.is_structured and (self.allocation not in ("uniform", "search") or self.layer_sparsity):
             raise ValueError(
                 f"PruningConfig.allocation={self.allocation!r} / layer_sparsity apply to unstructured and N:M runs; "
-                "structured methods allocate through method_kwargs['allocation']."
+                "structured methods allocate through method_kwargs['allocation'] ('uniform', 'threshold', "
+                "'softmax') or PruningConfig.allocation='search'."
             )
         from .allocation import validate_allocation
 

@@ -103,13 +103,17 @@ class SparsePruner:
 
             if sparsity_for is not None:
                 raise ValueError("sparsity_for applies to unstructured/N:M runs; structured methods allocate through "
-                                 "PruningConfig.method_kwargs['allocation'].")
+                                 "PruningConfig.method_kwargs['allocation'] or PruningConfig.allocation='search'.")
             if checkpoint_dir is not None:
                 raise ValueError("checkpoint_dir/resume are not supported by structured methods yet.")
             plan = plan_structured(model, self.config)  # every check before any change
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             self.report, self.structured_summary = run_structured(model, self.method, self.config, input_ids,
                                                                   progress, plan=plan)
+            if self.report.allocation is not None:  # a searched or method (threshold/softmax) allocation
+                from .allocation import Allocation
+
+                self.allocation = Allocation.from_dict(self.report.allocation)
         else:
             check_targets(model, self.config)
             input_ids = self.prepare_calibration(model, tokenizer, dataset)

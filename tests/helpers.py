@@ -157,6 +157,17 @@ def build_tokenizer(vocab_size: int = VOCAB):
     return fast
 
 
+def save_model_and_text(folder, tokenizer, arch: str = "llama") -> tuple:
+    """Saves a tiny model with `tokenizer` under `folder/dense` and a calibration text file; returns both paths
+    (for CLI tests)."""
+    model = make_model(arch)
+    model.save_pretrained(folder / "dense")
+    tokenizer.save_pretrained(folder / "dense")
+    text = folder / "calib.txt"
+    text.write_text("\n".join(SENTENCES * 20))
+    return folder / "dense", text
+
+
 
 
 def is_linear(module: nn.Module) -> bool:

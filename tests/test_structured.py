@@ -352,14 +352,10 @@ def test_structprune_error_not_worse_than_wanda_structured():
 def test_cli_prunes_structurally(tmp_path, tokenizer, capsys):
     from optimum_sparse.cli.main import main
 
-    from .helpers import SENTENCES
+    from .helpers import save_model_and_text
 
-    model = make_model("llama")
-    model.save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    text = tmp_path / "calib.txt"
-    text.write_text("\n".join(SENTENCES * 20))
-    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "wanda-structured", "--structure", "channels",
+    dense, text = save_model_and_text(tmp_path, tokenizer)
+    code = main(["prune", "--model", str(dense), "--method", "wanda-structured", "--structure", "channels",
                  "--sparsity", "0.25", "--multiple-of", "16", "--num-samples", "4", "--seq-len", "16",
                  "--dataset", str(text), "--output", str(tmp_path / "out")])
     assert code == 0

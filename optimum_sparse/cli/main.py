@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--true-sequential", action="store_true")
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
     prune.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "search"],
-                       help="Layer-wise sparsity allocation (docs/allocation.md).")
+                       help="Layer-wise sparsity allocation (docs/allocation.md); structured methods: 'uniform' (their "
+                            "own rule, --method-kwargs allocation) or 'search' (kept heads/channels searched).")
     prune.add_argument("--allocation-kwargs", default="{}", help="JSON dict of allocator parameters (OWL M/lambda, "
                        "search settings such as state_dir).")
     prune.add_argument("--layer-sparsity", default=None,

@@ -135,7 +135,8 @@ def plot_layers(record: "PruningRecord", path: str) -> Optional[str]:
     fig = Figure(figsize=(max(6.0, min(18.0, 0.25 * len(layers) + 4)), 4.0), dpi=100)
     FigureCanvasAgg(fig)  # no pyplot: no global state, works headless
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(x, [100 * r.sparsity for r in layers], color="#4C72B0", label="sparsity (%)")
+    ax.bar(x, [100 * r.extra.get("removed_fraction", r.sparsity) for r in layers], color="#4C72B0",
+           label="sparsity (%)")
     ax.set_ylim(0, 100)
     ax.set_ylabel("sparsity (%)")
     ax.set_xlabel("pruned layer (forward order)")
@@ -168,7 +169,12 @@ def _allocation_fields(record: "PruningRecord") -> dict:
               ("seconds", "disk_bytes", "final_fitness")}
     details = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
     text = f"`{alloc['method']}`" + (f" ({details})" if details else "")
-    text += f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned, exactly the target"
+    structured = (alloc.get("info") or {}).get("structured")
+    if structured:  # whole heads/channels: the budget is met up to the rounding to whole groups
+        text += (f": {structured['removed_params']} of {structured['prunable_params']} prunable parameters removed "
+                 f"(target {structured['budget']:.0f}, rounded to whole KV groups and `multiple_of` channels)")
+    else:
+        text += f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned, exactly the target"
     rows = [{"block": b, "sparsity": _pct(v)} for b, v in alloc.get("per_block", {}).items()]
     return {"allocation_text": text, "allocation_rows": rows}
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 __all__ = ["ModuleBudget", "round_to_budget", "uniform_allocation", "threshold_allocation", "softmax_allocation",
-           "check_feasible"]
+           "check_feasible", "allocate", "allocation_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,3 +192,32 @@ def allocate(rule: str, modules: list[ModuleBudget], sparsity: float, scores: Op
     if rule == "threshold":
         return threshold_allocation(modules, scores, sparsity)
     return softmax_allocation(modules, scores, sparsity, temperature, max_deviation)
+
+
+def allocation_record(rule: str, plan, sparsity: float, kept: list, info: Optional[dict] = None,
+                      start: Optional[list] = None):
+    """The `optimum_sparse.allocation.Allocation` of a structured run (what the report and the model card show).
+
+    One entry per module (`plan.module_names()`), its sparsity the fraction of the module's parameters removed;
+    `info["structured"]` holds the kept group counts and fractions, the budget (`sparsity × prunable parameters`)
+    and the parameters removed (within one module step of the budget: whole KV groups and `multiple_of` channels).
+    """
+    from ..allocation.base import Allocation
+
+    names = plan.module_names()
+    removed = {n: (m.groups - k) * m.cost for n, m, k in zip(names, plan.modules, kept)}
+    structured = {
+        "budget": sparsity * sum(m.params for m in plan.modules),
+        "removed_params": sum(removed.values()),
+        "prunable_params": sum(m.params for m in plan.modules),
+        "groups": {n: m.groups for n, m in zip(names, plan.modules)},
+        "kept_groups": dict(zip(names, kept)),
+        "kept_fraction": {n: k / m.groups for n, m, k in zip(names, plan.modules, kept)},
+    }
+    if start is not None:
+        structured["start_kept_groups"] = dict(zip(names, start))
+        structured["start_removed_params"] = sum((m.groups - k) * m.cost for m, k in zip(plan.modules, start))
+    return Allocation(method=rule, target=sparsity,
+                      sparsities={n: removed[n] / m.params for n, m in zip(names, plan.modules)},
+                      numel={n: m.params for n, m in zip(names, plan.modules)},
+                      info={**(info or {}), "structured": structured})

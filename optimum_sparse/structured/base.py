@@ -65,6 +65,11 @@ class StructuredMethod(PruningMethod):
             raise ValueError(f"PruningConfig.method_kwargs: unknown keys {unknown} for method {config.method!r}; "
                              f"allowed: {list(cls.allowed_kwargs)}.")
         allocation = config.method_kwargs.get("allocation", cls.default_allocation)
+        if allocation == "search":
+            raise ValueError("PruningConfig.method_kwargs['allocation']='search' is not a method rule: the structured "
+                             "search is PruningConfig(allocation='search', allocation_kwargs={...}) (CLI: --allocation "
+                             "search --allocation-kwargs '{...}'); method_kwargs['allocation'] picks the rule among "
+                             f"{list(ALLOCATIONS)} (a search can start from it with allocation_kwargs['init']='method').")
         if allocation not in ALLOCATIONS:
             raise ValueError(f"PruningConfig.method_kwargs['allocation'] must be one of {list(ALLOCATIONS)}, "
                              f"got {allocation!r}.")

@@ -3,7 +3,8 @@
 1. Budgets: every block's heads and/or MLP channels become a `ModuleBudget`; the run removes
    `sparsity × (parameters of those linears)`, and checks before any change that this is possible.
 2. Allocation: `uniform` needs nothing; `threshold`/`softmax` first run the dense model block by block, collect
-   the method's comparable group scores, and turn them into kept counts per module.
+   the method's comparable group scores, and turn them into kept counts per module; `PruningConfig.allocation=
+   "search"` searches the kept counts instead (`structured.search`, Týr-style) and leaves the model dense again.
 3. Pruning, block by block on the outputs of the already pruned blocks: statistics at the attention output
    projection's input → `method.select` → shrink the attention; then the same for the MLP on the new attention
    output; then the block's outputs feed the next block.
@@ -26,7 +27,7 @@ from ..engine.capture import BlockInputs, capture_block_inputs
 from ..engine.devices import is_offloaded, onload_block, solve_device
 from ..engine.linears import in_features, read_weight
 from ..engine.sequential import PruningReport
-from .allocation import ModuleBudget, allocate, check_feasible
+from .allocation import ModuleBudget, allocate, allocation_record, check_feasible
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
 from .shrink import count_parameters, finalize_config, out_features, shrink_channels, shrink_heads
@@ -71,6 +72,10 @@ class StructuredPlan:
             for name, m in self.linears.items()
         }
         self.model_params = count_parameters(model)
+
+    def module_names(self) -> list[str]:
+        """A name per module, in `modules` order: `"<blocks>.<i>.heads"` / `"<blocks>.<i>.channels"`."""
+        return [f"{self.spec.blocks}.{m.key[0]}.{m.key[1]}" for m in self.modules]
 
     def names(self, kind: str) -> tuple[tuple, str]:
         """`(input projections, output projection)` of a kind, relative to the block."""
@@ -163,22 +168,35 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
     model.eval()
     try:
         if config.sparsity > 0:
+            allocation = None
+            if config.allocation == "search":  # the dense model is restored when the search returns
+                from .search import structured_search
+
+                allocation = structured_search(model, plan, method, config, input_ids, progress)
+                kept = allocation.info["structured"]["kept_groups"]
+                keeps = [kept[name] for name in plan.module_names()]
             inputs = BlockInputs()  # data-free methods: no forward passes at all
             if method.needs_calibration:
                 if input_ids is None:
                     raise ValueError(f"Method {config.method!r} needs calibration data.")
                 inputs = capture_block_inputs(model, plan.blocks[0], input_ids, config.batch_size)
-            scores = None
-            if method.allocation != "uniform":
-                scores = _allocation_scores(model, plan, method, config, inputs, progress)
-            keeps = allocate(method.allocation, plan.modules, config.sparsity, scores,
-                             config.method_kwargs.get("temperature", 1.0), config.method_kwargs.get("max_deviation", 0.2))
+            if allocation is None:
+                scores = None
+                if method.allocation != "uniform":
+                    scores = _allocation_scores(model, plan, method, config, inputs, progress)
+                keeps = allocate(method.allocation, plan.modules, config.sparsity, scores,
+                                 config.method_kwargs.get("temperature", 1.0),
+                                 config.method_kwargs.get("max_deviation", 0.2))
+                if method.allocation != "uniform":
+                    allocation = allocation_record(method.allocation, plan, config.sparsity, keeps)
+            if allocation is not None:
+                report.allocation = allocation.to_dict()
             keep_of = {m.key: k for m, k in zip(plan.modules, keeps)}
             _prune_blocks(plan, method, config, inputs, keep_of, report, progress)
     finally:
         model.train(was_training)
     fmt = finalize_config(model, plan.layout, plan.geometry, plan.blocks, plan.spec.blocks, plan.original_shapes)
-    summary = _summary(model, plan, config, fmt)
+    summary = _summary(model, plan, config, fmt, "search" if config.allocation == "search" else method.allocation)
     report.layers = _layer_reports(model, plan)
     report.seconds = time.perf_counter() - started
     setattr(model.config, SUMMARY_KEY, summary)
@@ -240,7 +258,7 @@ def _layer_reports(model: nn.Module, plan: StructuredPlan) -> list[LayerReport]:
     return reports
 
 
-def _summary(model: nn.Module, plan: StructuredPlan, config, fmt: str) -> dict:
+def _summary(model: nn.Module, plan: StructuredPlan, config, fmt: str, rule: str) -> dict:
     prunable_after = sum(_params(model.get_submodule(name)) for name in plan.original_shapes)
     prunable_before = plan.prunable
     model_after = count_parameters(model)
@@ -265,5 +283,6 @@ def _summary(model: nn.Module, plan: StructuredPlan, config, fmt: str) -> dict:
         "model_params_after": model_after,
         "achieved_model_fraction": 1.0 - model_after / plan.model_params,
         "format": fmt,
+        "allocation": rule,
         "layers": layers,
     }
