@@ -24,6 +24,19 @@ __all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "REPORT_NAME"]
 logger = logging.getLogger(__name__)
 
 
+def _check_nm_sparsity_for(model: nn.Module, config: PruningConfig, sparsity_for: Callable[[str], float]) -> None:
+    """N:M runs: every layer's sparsity must be a multiple of 1/M (its pattern N_i:M); raises `ValueError` naming the
+    first layer that is not."""
+    from .allocation import target_modules
+    from .methods.masks import layer_nm
+
+    for module in target_modules(model, config):
+        try:
+            layer_nm(config.nm, sparsity_for(module.name))
+        except ValueError as err:
+            raise ValueError(f"sparsity_for({module.name!r}) with structure={config.structure!r}: {err}") from None
+
+
 class SparsePruner:
     """Prunes a causal language model after training, one decoder block at a time.
 
@@ -79,7 +92,8 @@ class SparsePruner:
             tokenizer: tokenizer for text calibration sources.
             dataset: calibration source, overriding `config.dataset` (see `optimum_sparse.data.calibration`).
             sparsity_for: optional per-layer sparsity, by full module name; replaces `config.allocation`. Unstructured
-                and N:M only (structured methods allocate through `method_kwargs["allocation"]`).
+                and N:M only (structured methods allocate through `method_kwargs["allocation"]`); N:M runs take
+                multiples of `1/M` (the layer's pattern `N_i:M`, checked before any weight changes).
             progress: show progress bars.
             checkpoint_dir: save the run's state after every block there (pruned block weights, propagated
                 calibration activations, report; atomic writes), so a killed run can be resumed.
@@ -123,6 +137,8 @@ class SparsePruner:
             if checkpoint_dir is not None:
                 folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
                 checkpoint = RunCheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
+            if sparsity_for is not None and self.config.nm is not None:
+                _check_nm_sparsity_for(model, self.config, sparsity_for)  # before any weight changes
             if sparsity_for is None:
                 from .allocation import allocate
 

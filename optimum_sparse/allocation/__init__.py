@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Optional
 
 from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, available_allocators, fit_counts,
                    get_allocator, register_allocator, target_modules)
-from .override import OVERRIDE_TOLERANCE, apply_override, check_override_names, load_layer_sparsity
+from .nm import fit_nm_steps, nm_allocation, nm_budget
+from .override import OVERRIDE_TOLERANCE, apply_override, check_nm_override, check_override_names, load_layer_sparsity
 from .owl import OWLAllocator
 from .search import SEARCH_DEFAULTS, SearchAllocator, search_allocation
 from .uniform import UniformAllocator
@@ -28,7 +29,8 @@ __all__ = [
     "Allocation", "Allocator", "TargetModule", "allocation_from_counts", "available_allocators", "fit_counts",
     "get_allocator", "register_allocator", "target_modules", "OVERRIDE_TOLERANCE", "apply_override",
     "load_layer_sparsity", "OWLAllocator", "SEARCH_DEFAULTS", "SearchAllocator", "search_allocation",
-    "UniformAllocator", "validate_allocation", "allocation_needs_calibration", "allocate",
+    "UniformAllocator", "validate_allocation", "allocation_needs_calibration", "allocate", "fit_nm_steps",
+    "nm_allocation", "nm_budget", "check_nm_override",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,8 @@ def validate_allocation(config: "PruningConfig") -> None:
     if not isinstance(config.allocation_kwargs, dict):
         raise ValueError(f"PruningConfig.allocation_kwargs must be a dict, got {config.allocation_kwargs!r}.")
     config.layer_sparsity = load_layer_sparsity(config.layer_sparsity)
-    if config.nm is not None and (config.allocation != "uniform" or config.layer_sparsity):
-        raise ValueError(f"PruningConfig.allocation={config.allocation!r} / layer_sparsity need unstructured sparsity; "
-                         f"structure {config.structure!r} fixes every layer at N/M.")
+    if config.nm is not None and config.layer_sparsity:  # per-layer N_i:M patterns: multiples of 1/M
+        check_nm_override(config.layer_sparsity, config.nm, config.structure)
     if config.layer_sparsity and config.allocation == "search":
         raise ValueError("PruningConfig.layer_sparsity cannot be combined with allocation='search' (the search chooses "
                          "every layer); use allocation='uniform' or 'owl'.")

@@ -112,6 +112,8 @@ class Allocation:
         sparsities (`dict[str, float]`): sparsity per pruned linear, by full module name.
         numel (`dict[str, int]`): weight size per pruned linear.
         info (`dict`): allocator details (parameters, per-block scores, search history, disk and time used).
+        m (`int`, *optional*): N:M runs: the structure's M; every sparsity is then `N_i / M`, the layer's pattern
+            `N_i:M` (`patterns()`).
     """
 
     method: str
@@ -119,6 +121,22 @@ class Allocation:
     sparsities: dict
     numel: dict
     info: dict = field(default_factory=dict)
+    m: Optional[int] = None
+
+    def patterns(self) -> dict[str, str]:
+        """N:M runs: the pattern of each pruned linear (`"3:4"`), by full module name; `{}` for unstructured runs."""
+        if self.m is None:
+            return {}
+        return {name: f"{round(s * self.m)}:{self.m}" for name, s in self.sparsities.items()}
+
+    def block_patterns(self) -> dict[str, str]:
+        """N:M runs: the patterns used in each block with their counts (`"model.layers.0"` → `"1:4 ×2, 2:4 ×5"`)."""
+        out: dict[str, dict[str, int]] = {}
+        for name, pattern in self.patterns().items():
+            counts = out.setdefault(_block_of(name), {})
+            counts[pattern] = counts.get(pattern, 0) + 1
+        return {b: ", ".join(f"{p} ×{c}" for p, c in sorted(counts.items(), key=lambda i: int(i[0].split(":")[0])))
+                for b, counts in out.items()}
 
     def sparsity_for(self, name: str) -> float:
         """The sparsity of module `name`; this is what `SparsePruner.apply` hands to the engine."""
@@ -155,18 +173,28 @@ class Allocation:
         return {b: pruned[b] / total[b] for b in total}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target": self.target, "mean_sparsity": self.mean_sparsity,
-                "pruned_params": self.pruned_params, "target_params": self.target_params,
-                "sparsities": dict(self.sparsities), "numel": dict(self.numel), "per_block": self.per_block(),
-                "info": self.info}
+        out = {"method": self.method, "target": self.target, "mean_sparsity": self.mean_sparsity,
+               "pruned_params": self.pruned_params, "target_params": self.target_params,
+               "sparsities": dict(self.sparsities), "numel": dict(self.numel), "per_block": self.per_block(),
+               "info": self.info}
+        if self.m is not None:
+            out.update(m=self.m, patterns=self.patterns(), block_patterns=self.block_patterns())
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Allocation":
         return cls(method=data["method"], target=float(data["target"]), sparsities=dict(data["sparsities"]),
-                   numel={k: int(v) for k, v in data["numel"].items()}, info=dict(data.get("info") or {}))
+                   numel={k: int(v) for k, v in data["numel"].items()}, info=dict(data.get("info") or {}),
+                   m=data.get("m"))
 
     def table(self) -> str:
-        """A markdown table of per-block sparsity (what the run report and the model card show)."""
+        """A markdown table of per-block sparsity (what the run report and the model card show); N:M runs add the
+        block's patterns."""
+        if self.m is not None:
+            patterns = self.block_patterns()
+            lines = ["| Block | Sparsity | Patterns |", "|---|---|---|"]
+            lines += [f"| `{b}` | {100 * s:.2f}% | {patterns[b]} |" for b, s in self.per_block().items()]
+            return "\n".join(lines)
         lines = ["| Block | Sparsity |", "|---|---|"]
         lines += [f"| `{b}` | {100 * s:.2f}% |" for b, s in self.per_block().items()]
         return "\n".join(lines)
@@ -182,11 +210,12 @@ def _block_of(name: str) -> str:
 
 
 def allocation_from_counts(method: str, target: float, modules: Sequence[TargetModule], counts: Sequence[int],
-                           info: Optional[dict] = None) -> Allocation:
-    """Builds an `Allocation` from exact pruned counts (`sᵢ = kᵢ / numelᵢ`)."""
+                           info: Optional[dict] = None, m: Optional[int] = None) -> Allocation:
+    """Builds an `Allocation` from exact pruned counts (`sᵢ = kᵢ / numelᵢ`; N:M runs pass `m`, the counts are then
+    multiples of `numelᵢ / m`)."""
     return Allocation(method=method, target=target,
-                      sparsities={m.name: k / m.numel for m, k in zip(modules, counts)},
-                      numel={m.name: m.numel for m in modules}, info=dict(info or {}))
+                      sparsities={mod.name: k / mod.numel for mod, k in zip(modules, counts)},
+                      numel={mod.name: mod.numel for mod in modules}, info=dict(info or {}), m=m)
 
 
 class Allocator:

@@ -13,6 +13,7 @@ library's block engine (any architecture, offloaded models included).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -21,6 +22,7 @@ from ..engine.sequential import run_sequential
 from ..methods.base import PruningMethod
 from ..methods.masks import num_pruned
 from .base import Allocator, allocation_from_counts, fit_counts, register_allocator
+from .nm import fit_nm_steps, nm_allocation, nm_budget
 
 __all__ = ["OWLAllocator", "outlier_ratio", "owl_block_sparsity"]
 
@@ -85,7 +87,9 @@ class OWLAllocator(Allocator):
 
     def allocate(self, model, modules, method, input_ids, progress=True):
         m = float(self.kwargs.get("M", DEFAULT_M))
-        lam = float(self.kwargs.get("lambda", DEFAULT_LAMBDA))
+        nm = self.config.nm
+        # N:M: one N step each side by default (0.08 is less than one step for M < 13: OWL would be uniform)
+        lam = float(self.kwargs.get("lambda", DEFAULT_LAMBDA if nm is None else 1.0 / nm[1]))
         target = self.config.sparsity
         if input_ids is None:
             raise ValueError("allocation='owl' needs calibration data.")
@@ -94,10 +98,28 @@ class OWLAllocator(Allocator):
         blocks = sorted({mod.block for mod in modules})
         lod = [probe.ratios[b] for b in blocks]
         by_block = dict(zip(blocks, owl_block_sparsity(lod, target, lam)))
+        info = {"M": m, "lambda": lam, "outlier_ratio": {str(b): probe.ratios[b] for b in blocks}}
+        logger.info("OWL (M=%g, lambda=%g): block sparsities %s", m, lam,
+                    ", ".join(f"{by_block[b]:.3f}" for b in blocks))
+        if nm is not None:
+            return self._allocate_nm(modules, by_block, lam, info)
         numel = [mod.numel for mod in modules]
         counts = fit_counts(numel, [by_block[mod.block] for mod in modules], num_pruned(sum(numel), target),
                             low=max(0.0, target - lam), high=min(1.0, target + lam))
-        logger.info("OWL (M=%g, lambda=%g): block sparsities %s", m, lam,
-                    ", ".join(f"{by_block[b]:.3f}" for b in blocks))
-        info = {"M": m, "lambda": lam, "outlier_ratio": {str(b): probe.ratios[b] for b in blocks}}
         return allocation_from_counts(self.name, target, modules, counts, info)
+
+    def _allocate_nm(self, modules, by_block: dict, lam: float, info: dict):
+        """N:M: OWL's block ratios on the `N/M` lattice, inside the band `[s − λ, s + λ]` (lattice points
+        `ceil((s−λ)·M) … floor((s+λ)·M)`, within `0 … M−1`), the budget met exactly (`fit_nm_steps`; the uniform `N` is
+        in the band, so an exact choice always exists)."""
+        n, mm = self.config.nm
+        target = self.config.sparsity
+        lo = max(0, math.ceil((target - lam) * mm - 1e-9))
+        hi = min(mm - 1, math.floor((target + lam) * mm + 1e-9))
+        groups = [mod.numel // mm for mod in modules]
+        steps, exact = fit_nm_steps(groups, [by_block[mod.block] * mm for mod in modules], [lo] * len(modules),
+                                    [hi] * len(modules), nm_budget([mod.numel for mod in modules], (n, mm)), uniform=n)
+        if not exact:  # pragma: no cover - the uniform N is inside the band, so an exact choice exists
+            raise RuntimeError("OWL N:M allocation missed its budget.")
+        info["band"] = [f"{lo}:{mm}", f"{hi}:{mm}"]
+        return nm_allocation(self.name, target, self.config.nm, modules, steps, info)

@@ -32,6 +32,7 @@ from ..methods.base import PruningMethod, get_method_class
 from ..methods.masks import num_pruned
 from .base import Allocator, allocation_from_counts, fit_counts, register_allocator
 from .evolution import EvolutionarySearch, check_search_kwargs, mutate, run_search, search_info
+from .nm import fit_nm_steps, nm_budget, steps_to_counts
 from .owl import OWLAllocator
 from .supernet import Supernet, SupernetBuilder
 from .uniform import uniform_counts
@@ -86,9 +87,17 @@ class _Search(EvolutionarySearch):
         self.modules, self.local = modules, local
         self.linears = {f"{spec.blocks}.{i}.{n}": mod for i, lin in enumerate(targets) for n, mod in lin.items()}
         self.numel = [m.numel for m in modules]
-        self.total = num_pruned(sum(self.numel), config.sparsity)
-        self.kmin = [math.ceil(kw["min_sparsity"] * n - 1e-9) for n in self.numel]
-        self.kmax = [min(math.floor(kw["max_sparsity"] * n + 1e-9), n - 1) for n in self.numel]
+        self.nm = config.nm
+        if self.nm is None:
+            self.total = num_pruned(sum(self.numel), config.sparsity)
+            self.kmin = [math.ceil(kw["min_sparsity"] * n - 1e-9) for n in self.numel]
+            self.kmax = [min(math.floor(kw["max_sparsity"] * n + 1e-9), n - 1) for n in self.numel]
+        else:  # N:M: counts on the lattice numel/M · N_i, N_i in [ceil(min·M), floor(max·M)] ∩ [0, M−1]
+            mm = self.nm[1]
+            self.total = nm_budget(self.numel, self.nm)
+            lo, hi = math.ceil(kw["min_sparsity"] * mm - 1e-9), min(math.floor(kw["max_sparsity"] * mm + 1e-9), mm - 1)
+            self.kmin = [n // mm * lo for n in self.numel]
+            self.kmax = [n // mm * hi for n in self.numel]
         by_size: dict[int, list] = {}
         for g, n in enumerate(self.numel):
             by_size.setdefault(n, []).append(g)
@@ -113,7 +122,10 @@ class _Search(EvolutionarySearch):
     # ----- rounds ----------------------------------------------------------------------------------------------------
     def build_supernet(self, rnd: int, centres: list) -> Supernet:
         step = self.kw["step"] / (2 ** rnd)
-        steps = [max(1, round(step * n)) for n in self.numel]
+        if self.nm is None:
+            steps = [max(1, round(step * n)) for n in self.numel]
+        else:  # N:M: the ladder is the neighbouring patterns N_i ± 1, ± 2, ... in every round
+            steps = [n // self.nm[1] for n in self.numel]
         shapes = [tuple(self.dense[m.name].shape) for m in self.modules]
         net = Supernet(os.path.join(self.folder, f"round_{rnd}"), [m.name for m in self.modules], self.numel, shapes,
                        centres, steps, self.kw["levels"], self.kmin, self.kmax)
@@ -129,10 +141,19 @@ class _Search(EvolutionarySearch):
 
     def initial_centres(self) -> list:
         if self.kw["init"] == "uniform":
-            return uniform_counts(self.modules, self.config.sparsity)
+            return uniform_counts(self.modules, self.config.sparsity, self.nm)
         config = copy.copy(self.config)
         config.allocation_kwargs = {}
         owl = OWLAllocator(config).allocate(self.model, self.modules, self.local, self.input_ids, self.progress)
+        if self.nm is not None:  # OWL's patterns, refitted inside min/max_sparsity (exact: the uniform N is inside)
+            mm, n = self.nm[1], self.nm[0]
+            lo = [a // (m.numel // mm) for a, m in zip(self.kmin, self.modules)]
+            hi = [b // (m.numel // mm) for b, m in zip(self.kmax, self.modules)]
+            steps, exact = fit_nm_steps([m.numel // mm for m in self.modules],
+                                        [owl.sparsities[m.name] * mm for m in self.modules], lo, hi, self.total, n)
+            if not exact:  # pragma: no cover - the uniform N is inside [min_sparsity, max_sparsity]
+                raise RuntimeError("Search: OWL's N:M start missed the budget.")
+            return steps_to_counts(self.numel, steps, mm)
         lo = [max(a, round(owl.numel[m.name] * owl.sparsities[m.name])) for a, m in zip(self.kmin, self.modules)]
         counts = [min(k, b) for k, b in zip(lo, self.kmax)]
         if sum(counts) != self.total:  # OWL's band may leave min/max_sparsity: refit inside them
@@ -163,13 +184,15 @@ def search_allocation(model, modules, method: PruningMethod, config, input_ids: 
         model, lambda folder: _Search(model, modules, method, config, input_ids, kw, folder, progress),
         {"method": config.method, "sparsity": config.sparsity, "true_sequential": config.true_sequential,
          "damping": config.damping, "block_size": config.block_size, "method_kwargs": config.method_kwargs,
-         "modules": [(m.name, m.numel) for m in modules]}, kw, input_ids, stop_after)
+         "modules": [(m.name, m.numel) for m in modules],
+         **({"structure": config.structure} if config.nm else {})}, kw, input_ids, stop_after)
     if state is None:
         return None
     counts = state["centres"]
     if sum(counts) != search.total:  # pragma: no cover - every move is budget-neutral
         raise RuntimeError(f"Search lost the budget: {sum(counts)} pruned weights instead of {search.total}.")
-    return allocation_from_counts("search", config.sparsity, modules, counts, search_info(kw, state))
+    return allocation_from_counts("search", config.sparsity, modules, counts, search_info(kw, state),
+                                  m=config.nm[1] if config.nm else None)
 
 
 @register_allocator

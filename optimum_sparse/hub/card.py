@@ -173,9 +173,16 @@ def _allocation_fields(record: "PruningRecord") -> dict:
     if structured:  # whole heads/channels: the budget is met up to the rounding to whole groups
         text += (f": {structured['removed_params']} of {structured['prunable_params']} prunable parameters removed "
                  f"(target {structured['budget']:.0f}, rounded to whole KV groups and `multiple_of` channels)")
-    else:
+    elif alloc["pruned_params"] == alloc.get("target_params", alloc["pruned_params"]):
         text += f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned, exactly the target"
-    rows = [{"block": b, "sparsity": _pct(v)} for b, v in alloc.get("per_block", {}).items()]
+    else:  # an N:M override whose patterns cannot add up to the budget: the nearest count below it
+        text += (f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned (target "
+                 f"{alloc['target_params']}: the nearest achievable N:M count below it)")
+    if alloc.get("m"):
+        text += f"; per-layer N:{alloc['m']} patterns (listed per block below, per layer in `pruning_report.json`)"
+    patterns = alloc.get("block_patterns") or {}
+    rows = [{"block": b, "sparsity": _pct(v) + (f" ({patterns[b]})" if b in patterns else "")}
+            for b, v in alloc.get("per_block", {}).items()]
     return {"allocation_text": text, "allocation_rows": rows}
 
 
@@ -228,8 +235,10 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         summary = (f"This model is {what} structurally pruned after training with **{c.method}** ({c.structure}): "
                    f"{_pct(c.sparsity)} of the prunable block parameters removed, a smaller dense model; per-linear "
                    "'sparsity' below is the fraction of the linear's parameters removed.")
+    layer_patterns = (record.allocation or {}).get("patterns") or {}  # N:M allocation: the layer's "N_i:M"
     rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape),
-             "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity)),
+             "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity))
+             + (f" ({layer_patterns[r.name]})" if r.name in layer_patterns else ""),
              "error": _num(r.relative_error) if r.relative_error is not None else ""} for r in record.layers]
     card = ModelCard.from_template(
         data, template_path=TEMPLATE_PATH,

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .masks import layer_mask, nm_mask, num_pruned
+from .masks import layer_mask, layer_nm, nm_mask, num_pruned
 
 __all__ = [
     "ADMMSettings", "PENALTY_SCHEDULES", "PROJECTIONS", "penalty_at", "global_masks", "admm_optimizer_class",
@@ -40,7 +40,7 @@ class ADMMSettings:
 
     Attributes:
         names: full names of the pruned weights, in the order of the optimizer's ADMM parameter group.
-        sparsities: target fraction of zeros of each (ignored for N:M).
+        sparsities: target fraction of zeros of each; for N:M a multiple of `1/M` giving the weight's `N_i:M`.
         nm: `(n, m)`: `n` zeros in every `m` consecutive inputs (dim 1 of the weight).
         budget: `"layer"` (each weight its own count) or `"global"` (one count over all, unstructured only).
         projection: `"magnitude"` (`|x + u|`) or `"second_moment"` (`v ⊙ (x + u)²`, v = Adam's `exp_avg_sq`).
@@ -204,10 +204,10 @@ class ADMMMixin:
             v = v.dequantize()
         return v.float()
 
-    def _nm_mask(self, scores: torch.Tensor, name: str) -> torch.Tensor:
+    def _nm_mask(self, scores: torch.Tensor, name: str, nm: tuple) -> torch.Tensor:
         if name in self.admm.transposed:
-            return nm_mask(scores.t(), *self.admm.nm).t()
-        return nm_mask(scores, *self.admm.nm)
+            return nm_mask(scores.t(), *nm).t()
+        return nm_mask(scores, *nm)
 
     def _score(self, p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Projection score of `value` (a full tensor) for weight `p`: `|value|`, or `v ⊙ value²`."""
@@ -216,8 +216,8 @@ class ADMMMixin:
 
     def _mask(self, index: int, score: torch.Tensor) -> torch.Tensor:
         """The per-weight projection mask of weight `index` (layer budget or N:M)."""
-        if self.admm.nm is not None:
-            return self._nm_mask(score, self.admm.names[index])
+        if self.admm.nm is not None:  # the weight's own N_i:M (layer-wise N:M allocation: N_i = sparsity_i · M)
+            return self._nm_mask(score, self.admm.names[index], layer_nm(self.admm.nm, self.admm.sparsities[index]))
         return layer_mask(score, 0.0, count=num_pruned(score.numel(), self.admm.sparsities[index]))
 
     def _project_all(self, values) -> list:

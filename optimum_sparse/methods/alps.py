@@ -218,6 +218,9 @@ def alps_prune(
     started = time.perf_counter()
     W0 = weight.to(torch.float32)
     rows, cols = W0.shape
+    if nm is not None and nm[0] == 0:  # a 0:M layer (layer-wise N:M allocation) stays dense
+        return ALPSResult(weight=W0.clone(), mask=torch.zeros_like(W0, dtype=torch.bool), objective=0.0,
+                          objective_admm=0.0, seconds=time.perf_counter() - started)
     F = factor if factor is not None else alps_factor(hessian, damping)
     count = num_pruned(W0.numel(), sparsity) if nm is None else rows * cols // nm[1] * nm[0]
     kept = max(W0.numel() - count, 1)
@@ -328,7 +331,7 @@ class ALPSPruning(PruningMethod):
         if self._factor is None or self._factor[0] is not stats.hessian:
             self._factor = (stats.hessian, alps_factor(stats.hessian, self.config.damping))
         opts = {k: v for k, v in self.options.items() if k not in ("warm_start", "warm_start_kwargs")}
-        return alps_prune(weight, stats.hessian, sparsity, self.config.nm, self.config.damping,
+        return alps_prune(weight, stats.hessian, sparsity, self.layer_nm(sparsity), self.config.damping,
                           factor=self._factor[1], warm_start=warm_start, **opts)
 
     def prune_weight(self, weight, stats, sparsity):

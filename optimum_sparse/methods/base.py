@@ -88,6 +88,13 @@ class PruningMethod:
                 f"{config.structure!r}."
             )
 
+    def layer_nm(self, sparsity: float) -> Optional[tuple[int, int]]:
+        """The N:M pattern of a layer pruned at `sparsity` (`(N_i, M)`, `N_i = sparsity · M`: layer-wise N:M
+        allocation), or `None` for unstructured runs. Methods pass it where they used to pass `config.nm`."""
+        from .masks import layer_nm
+
+        return layer_nm(self.config.nm, sparsity)
+
     @property
     def needs_calibration(self) -> bool:
         return self.stats != "none"
@@ -98,7 +105,8 @@ class PruningMethod:
         Args:
             weight (`torch.Tensor`): float32 `[out_features, in_features]` copy; may be modified in place.
             stats (`LinearStats`, *optional*): Input statistics (`None` when `stats == "none"`).
-            sparsity (`float`): Target fraction of zeros for this layer (ignored for N:M structures).
+            sparsity (`float`): Target fraction of zeros for this layer; for N:M structures a multiple of `1/M`
+                giving the layer's pattern `N_i:M` (`layer_nm`), `N/M` in uniform runs.
 
         Returns:
             `(new_weight, mask)`: float32 weight with zeros where `mask` is `True`.

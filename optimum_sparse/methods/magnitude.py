@@ -14,6 +14,6 @@ class MagnitudePruning(PruningMethod):
     stats = "none"
 
     def prune_weight(self, weight, stats, sparsity):
-        mask = select_mask(weight.abs(), sparsity, self.config.nm, per_row=False)
+        mask = select_mask(weight.abs(), sparsity, self.layer_nm(sparsity), per_row=False)
         weight[mask] = 0.0
         return weight, mask

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["num_pruned", "layer_mask", "row_mask", "nm_mask", "select_mask"]
+__all__ = ["num_pruned", "layer_mask", "row_mask", "nm_mask", "select_mask", "layer_nm", "nm_step"]
 
 
 def num_pruned(numel: int, sparsity: float) -> int:
@@ -62,11 +62,36 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask
 
 
+def nm_step(sparsity: float, m: int) -> int:
+    """`N` such that `sparsity == N / m`; raises `ValueError` when `sparsity` is not a multiple of `1/m` in `[0, 1)`."""
+    n = round(sparsity * m)
+    if abs(sparsity * m - n) > 1e-6 or not 0 <= n < m:
+        allowed = ", ".join(f"{k}/{m}" for k in range(m))
+        raise ValueError(f"sparsity {sparsity!r} is not an N:M pattern with M={m}: it must be a multiple of 1/{m} "
+                         f"below 1 ({allowed}).")
+    return n
+
+
+def layer_nm(nm: Optional[tuple[int, int]], sparsity: float) -> Optional[tuple[int, int]]:
+    """The N:M pattern of one layer: `(N_i, M)` with `N_i = sparsity · M` (layer-wise N:M allocation: the run's
+    structure fixes M, the layer's sparsity gives N; a uniform run passes `N/M`), or `None` for unstructured runs.
+
+    Raises:
+        ValueError: `sparsity` is not a multiple of `1/M`.
+    """
+    if nm is None:
+        return None
+    return nm_step(sparsity, nm[1]), nm[1]
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Removes the `n` lowest scores in every group of `m` consecutive columns (cols must divide by `m`)."""
+    """Removes the `n` lowest scores in every group of `m` consecutive columns (cols must divide by `m`; `n = 0`
+    removes nothing)."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M sparsity needs the input size ({cols}) to be a multiple of M={m}.")
+    if n == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
     grouped = scores.reshape(rows, cols // m, m)
     idx = torch.topk(grouped, n, dim=2, largest=False).indices
     mask = torch.zeros_like(grouped, dtype=torch.bool)

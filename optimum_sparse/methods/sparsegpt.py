@@ -43,7 +43,7 @@ def sparsegpt_prune(
         weight (`torch.Tensor`): weights, converted to float32 (a new tensor is returned).
         hessian (`torch.Tensor`): `Σ x xᵀ` (any positive scale).
         sparsity (`float`): fraction of zeros (unstructured).
-        nm (`tuple[int, int]`, *optional*): N:M structure.
+        nm (`tuple[int, int]`, *optional*): N:M structure (`N = 0`: the weight is returned unchanged).
         block_size (`int`): columns processed per lazy batch.
         damping (`float`): relative damping (fraction of the mean diagonal), escalated on failure.
         factor (`tuple`, *optional*): `sparsegpt_factor(hessian, damping)`, when several weights share `hessian`.
@@ -53,6 +53,8 @@ def sparsegpt_prune(
     """
     W = weight.to(torch.float32).clone()
     rows, cols = W.shape
+    if nm is not None and nm[0] == 0:  # a 0:M layer (layer-wise N:M allocation) stays dense
+        return W, torch.zeros_like(W, dtype=torch.bool)
     Hinv, dead = factor if factor is not None else sparsegpt_factor(hessian, damping)
     W[:, dead] = 0.0
     total = num_pruned(W.numel(), sparsity)
@@ -110,7 +112,7 @@ class SparseGPTPruning(PruningMethod):
             weight,
             stats.hessian,
             sparsity,
-            nm=self.config.nm,
+            nm=self.layer_nm(sparsity),
             block_size=self.config.block_size,
             damping=self.config.damping,
             factor=self._last_factor[1],

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .base import PruningMethod, register_method
 from .linalg import damped_cholesky
+from .masks import layer_nm
 from .sparsegpt import SparseGPTPruning, sparsegpt_factor, sparsegpt_prune
 from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.linears import read_weight
@@ -505,7 +506,8 @@ class SparseLLMPruning(PruningMethod):
         rows = [w.shape[0] for w in ([w_gate, w_up] if gate is not None else [w_up])]
 
         def sgpt(weight, hessian, name, factor=None):
-            return sparsegpt_prune(weight, hessian, job.sparsity_for(job.full_name(name)), cfg.nm, cfg.block_size,
+            sparsity = job.sparsity_for(job.full_name(name))
+            return sparsegpt_prune(weight, hessian, sparsity, layer_nm(cfg.nm, sparsity), cfg.block_size,
                                    cfg.damping, factor=factor)
 
         input_factor = []  # XᵀX never changes: factor it once for every input-side prune

@@ -15,6 +15,6 @@ class WandaPruning(PruningMethod):
 
     def prune_weight(self, weight, stats, sparsity):
         scores = weight.abs() * stats.sq_norms.sqrt().unsqueeze(0)
-        mask = select_mask(scores, sparsity, self.config.nm, per_row=True)
+        mask = select_mask(scores, sparsity, self.layer_nm(sparsity), per_row=True)
         weight[mask] = 0.0
         return weight, mask

@@ -138,8 +138,7 @@ def test_owl_kwargs_validated():
         _config(allocation="owl", allocation_kwargs={"m": 5})
     with pytest.raises(ValueError, match="PruningConfig.allocation must be one of"):
         _config(allocation="best")
-    with pytest.raises(ValueError, match="need unstructured sparsity"):
-        _config(allocation="owl", structure="2:4")
+    _config(allocation="owl", structure="2:4")  # N:M: per-layer N_i:M patterns (tests/allocation/test_nm_allocation.py)
 
 
 # ----- override --------------------------------------------------------------------------------------------------
