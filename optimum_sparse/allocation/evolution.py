@@ -3,8 +3,8 @@
 selection, atomic state after every generation, exact resume.
 
 A subclass says what a gene is (a linear, or the heads/channels of one block): `initial_centres`,
-`build_supernet`, `set_gene`, `restore_dense`, `gene_block` and `classes_for`. The supernet it builds answers
-`count(gene, level)`, `valid(gene, level)`, `disk_bytes()` and has a `folder`; level `+1` is one step sparser.
+`build_supernet`, `set_gene`, `restore_dense`, `gene_block` and `classes_for` (or its own `mutate`, e.g. a latency
+budget). The supernet it builds answers `count(gene, level)`, `valid(gene, level)`, `disk_bytes()` and has a `folder`; level `+1` is one step sparser.
 """
 
 from __future__ import annotations
@@ -189,6 +189,10 @@ class EvolutionarySearch:
         """Groups of genes between which a one-level move is budget-neutral."""
         raise NotImplementedError
 
+    def mutate(self, genome: list, rng: random.Random, net) -> list:
+        """A child of `genome` that keeps the budget (default: budget-neutral moves inside `classes_for(net)`)."""
+        return mutate(genome, rng, net, self.classes_for(net), self.kw["max_flips"])
+
     # ----- state -----------------------------------------------------------------------------------------------------
     def _save(self, state: dict) -> None:
         atomic_write_text(self.state_path, json.dumps(state))
@@ -262,13 +266,12 @@ class EvolutionarySearch:
 
     def _generation(self, net, scorer, rng, genome, parent_fit, every, state):
         kw = self.kw
-        classes = self.classes_for(net)
         seen = {tuple(genome)}
         children = []
         for _ in range(20 * kw["offspring"]):
             if len(children) == kw["offspring"]:
                 break
-            child = mutate(genome, rng, net, classes, kw["max_flips"])
+            child = self.mutate(genome, rng, net)
             if tuple(child) not in seen:
                 seen.add(tuple(child))
                 children.append(child)

@@ -173,6 +173,10 @@ def _allocation_fields(record: "PruningRecord") -> dict:
     if structured:  # whole heads/channels: the budget is met up to the rounding to whole groups
         text += (f": {structured['removed_params']} of {structured['prunable_params']} prunable parameters removed "
                  f"(target {structured['budget']:.0f}, rounded to whole KV groups and `multiple_of` channels)")
+        latency = (alloc.get("info") or {}).get("latency")
+        if latency:  # the structured search under a latency budget
+            text += (f"; latency budget: {latency['achieved_latency']:.4g} s of modules at most the start allocation's "
+                     f"{latency['start_latency']:.4g} s ({latency['source']}, {latency['device']})")
     elif alloc["pruned_params"] == alloc.get("target_params", alloc["pruned_params"]):
         text += f": {alloc['pruned_params']} of {sum(alloc['numel'].values())} parameters pruned, exactly the target"
     else:  # an N:M override whose patterns cannot add up to the budget: the nearest count below it

@@ -46,6 +46,7 @@ from ..engine.devices import onload_block, solve_device
 from ..engine.linears import read_weight, write_weight
 from .allocation import allocate, allocation_record
 from .base import GroupDecision
+from .latency import BUDGETS, LatencyTable, load_latency_table
 from .scoring import expand_groups
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,7 +65,11 @@ STRUCTURED_INITS = ("uniform", "method", "threshold", "softmax")
 # "softmax"; `step` is a fraction of each module's groups, rounded to whole steps (at least one KV group or
 # `multiple_of` channels); `min_sparsity`/`max_sparsity` bound each module's removed fraction of groups (the module
 # always keeps at least one step; a start allocation outside the bounds is kept, the search does not move further out).
-STRUCTURED_SEARCH_DEFAULTS = {**SEARCH_DEFAULTS, "step": 0.1, "max_sparsity": 1.0}
+# `budget`: "params" (every move keeps the removed parameters of the start allocation) or "latency" (every candidate's
+# summed module latency at most the start allocation's; moves may trade heads against channels), with
+# `latency_table` (given times instead of measuring) and `latency_repeats` (timed runs per measurement).
+STRUCTURED_SEARCH_DEFAULTS = {**SEARCH_DEFAULTS, "step": 0.1, "max_sparsity": 1.0, "budget": "params",
+                              "latency_table": None, "latency_repeats": 5}
 
 
 def validate_structured_search(config) -> dict:
@@ -79,6 +84,14 @@ def validate_structured_search(config) -> dict:
                          f"structure={config.structure!r}; allowed: {sorted(STRUCTURED_SEARCH_DEFAULTS)}.")
     kw = {**STRUCTURED_SEARCH_DEFAULTS, **config.allocation_kwargs}
     check_search_kwargs(kw, STRUCTURED_INITS)
+    if kw["budget"] not in BUDGETS:
+        raise ValueError(f"PruningConfig.allocation_kwargs['budget'] must be one of {list(BUDGETS)}, got {kw['budget']!r}.")
+    if kw["budget"] != "latency" and kw["latency_table"] is not None:
+        raise ValueError("PruningConfig.allocation_kwargs['latency_table'] needs budget='latency'.")
+    load_latency_table(kw["latency_table"])  # format checks; module names and counts are checked against the model
+    repeats = kw["latency_repeats"]
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"PruningConfig.allocation_kwargs['latency_repeats'] must be a positive integer, got {repeats!r}.")
     lo, hi = kw["min_sparsity"], kw["max_sparsity"]
     if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not isinstance(lo, bool)
             and not isinstance(hi, bool) and 0 <= lo <= config.sparsity <= hi <= 1):
@@ -146,6 +159,43 @@ class _StructuredSearch(EvolutionarySearch):
         self.widths = [plan.width(m.key[1]) for m in self.modules]
         self.dense = [read_weight(mod, torch.device("cpu")) for mod in self.outputs]
         self.deltas: list = [None] * len(self.modules)
+        self.latency: Optional[LatencyTable] = None
+        if kw["budget"] == "latency":
+            self.latency = LatencyTable(plan, load_latency_table(kw["latency_table"]),
+                                        kw["search_batch_size"] or config.batch_size, input_ids.shape[1],
+                                        kw["latency_repeats"], os.path.join(folder, "latency.json"),
+                                        solve_device(plan.blocks[0], config.device))
+
+    def latency_budget(self) -> float:
+        """Σ latency of the start allocation: no candidate may exceed it."""
+        return self.latency.total(self.start)
+
+    def mutate(self, genome, rng, net):
+        """Parameter budget: the shared budget-neutral moves. Latency budget: each flip moves one step denser on one
+        module and one step sparser on another (any kinds), kept only when the child's latency stays within the
+        start allocation's (up to 64 random pairs tried per flip)."""
+        if self.latency is None:
+            return super().mutate(genome, rng, net)
+        budget = self.latency_budget()
+        child = list(genome)
+        flips = min(rng.randint(1, self.kw["max_flips"]), rng.randint(1, self.kw["max_flips"]))
+        genes = range(len(child))
+        for _ in range(flips):
+            down = [g for g in genes if net.valid(g, child[g] - 1)]
+            up = [g for g in genes if net.valid(g, child[g] + 1)]
+            if not down or not up:
+                break
+            for _ in range(64):
+                a, b = down[rng.randrange(len(down))], up[rng.randrange(len(up))]
+                if a == b:
+                    continue
+                trial = list(child)
+                trial[a] -= 1
+                trial[b] += 1
+                if self.latency.total([net.count(g, lv) for g, lv in enumerate(trial)]) <= budget:
+                    child = trial
+                    break
+        return child
 
     # ----- weights ---------------------------------------------------------------------------------------------------
     def active(self):
@@ -297,6 +347,17 @@ class _StructuredSearch(EvolutionarySearch):
         bar.close()
 
 
+def _latency_info(search: "_StructuredSearch", plan, kept: list, start: list) -> dict:
+    """What `info["latency"]` records: the start (budget) and achieved latency, per module, and the measurements."""
+    table = search.latency
+    names = plan.module_names()
+    return {"source": table.source, "device": str(table.device), "batch": [table.batch, table.seq_len],
+            "repeats": table.repeats, "start_latency": table.total(start), "achieved_latency": table.total(kept),
+            "per_module": {n: {"start": table(g, s), "result": table(g, k)}
+                           for g, (n, s, k) in enumerate(zip(names, start, kept))},
+            "measured": table.measured_rows()}
+
+
 def _removed(modules, kept: list) -> int:
     return sum((m.groups - k) * m.cost for m, k in zip(modules, kept))
 
@@ -330,9 +391,15 @@ def structured_search(model, plan: "StructuredPlan", method, config, input_ids: 
     if state is None:
         return None
     kept, start = state["centres"], state["start"]
-    if _removed(plan.modules, kept) != _removed(plan.modules, start):  # pragma: no cover - moves are budget-neutral
-        raise RuntimeError(f"Structured search lost the budget: {_removed(plan.modules, kept)} parameters removed "
-                           f"instead of {_removed(plan.modules, start)}.")
     info = search_info(kw, state)
+    info.pop("latency_table", None)
     info["init_rule"] = search.start_rule()
+    if search.latency is None:
+        if _removed(plan.modules, kept) != _removed(plan.modules, start):  # pragma: no cover - budget-neutral moves
+            raise RuntimeError(f"Structured search lost the budget: {_removed(plan.modules, kept)} parameters removed "
+                               f"instead of {_removed(plan.modules, start)}.")
+    else:
+        info["latency"] = _latency_info(search, plan, kept, start)
+        if info["latency"]["achieved_latency"] > info["latency"]["start_latency"]:  # pragma: no cover - every move
+            raise RuntimeError("Structured search exceeded its latency budget.")
     return allocation_record("search", plan, config.sparsity, kept, info, start=start)
