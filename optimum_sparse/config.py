@@ -93,13 +93,15 @@ class PruningConfig:
         allocation (`str`, defaults to `"uniform"`):
             How the global sparsity is split over the pruned linears: `"uniform"`, `"owl"` (outlier-weighted) or
             `"search"` (Týr-style evolutionary search). Every allocation prunes exactly `sparsity` of the pruned
-            layers' parameters. See `docs/allocation.md`. Structured runs take `"uniform"` (the method's own rule,
+            layers' parameters (N:M structures: per-layer patterns `N_i:M` pruning exactly the uniform N:M count).
+            See `docs/allocation.md`. Structured runs take `"uniform"` (the method's own rule,
             `method_kwargs["allocation"]`) or `"search"` (kept heads/channels per block searched, docs/structured.md).
         allocation_kwargs (`dict`, defaults to `{}`):
-            Allocator parameters: OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`).
+            Allocator parameters: OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`;
+            structured runs: `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`, with `budget="latency"`).
         layer_sparsity (`dict` or `str`, *optional*):
             Per-layer override, `{full module name: sparsity}` or the path of a JSON file holding one; unlisted layers
-            share the rest of the budget. Loaded into a dict on construction.
+            share the rest of the budget (N:M: multiples of `1/M`). Loaded into a dict on construction.
         multiple_of (`int`, defaults to `8`):
             Structured pruning only: kept MLP channels per layer are a multiple of this (64 or 128 suit GPUs).
     """

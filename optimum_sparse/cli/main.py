@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Layer-wise sparsity allocation (docs/allocation.md); structured methods: 'uniform' (their "
                             "own rule, --method-kwargs allocation) or 'search' (kept heads/channels searched).")
     prune.add_argument("--allocation-kwargs", default="{}", help="JSON dict of allocator parameters (OWL M/lambda, "
-                       "search settings such as state_dir).")
+                       "search settings such as state_dir; structured search: budget 'params' or 'latency').")
     prune.add_argument("--layer-sparsity", default=None,
-                       help="Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a JSON file.")
+                       help="Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a JSON file "
+                            "(N:M structures: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save the run's state after every block (resumable).")
