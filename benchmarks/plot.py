@@ -14,8 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import REPO_ROOT  # noqa: E402
 
-METHOD_ORDER = ["magnitude", "wanda", "sparsegpt"]
-COLORS = {"magnitude": "#7f7f7f", "wanda": "#1f77b4", "sparsegpt": "#d62728"}
+METHOD_ORDER = ["magnitude", "wanda", "sparsegpt", "alps", "sparsellm"]
+COLORS = {"magnitude": "#7f7f7f", "wanda": "#1f77b4", "sparsegpt": "#d62728", "alps": "#2ca02c", "sparsellm": "#9467bd"}
 NM_MARKERS = {"2:4": "s", "4:8": "D"}
 
 
