@@ -58,8 +58,12 @@ def mutate(genome: list, rng: random.Random, net, classes: list, max_flips: int)
     return child
 
 
-def check_search_kwargs(kw: dict, inits: tuple) -> None:
-    """The checks common to both searches (`kw`: defaults merged with `allocation_kwargs`)."""
+def check_search_kwargs(kw: dict, inits: tuple, sparsity: float, max_below_one: bool = True) -> None:
+    """The checks common to both searches (`kw`: defaults merged with `allocation_kwargs`).
+
+    `0 <= min_sparsity <= sparsity <= max_sparsity` must hold, with `max_sparsity < 1` for per-linear genes or
+    `<= 1` (`max_below_one=False`) for structured modules, which always keep one step.
+    """
     pos_int = ("levels", "rounds", "offspring", "survivors", "max_flips", "kl_topk")
     for key in pos_int:
         if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1:
@@ -92,6 +96,12 @@ def check_search_kwargs(kw: dict, inits: tuple) -> None:
     if not isinstance(kw["keep_supernet"], bool):
         raise ValueError(f"PruningConfig.allocation_kwargs['keep_supernet'] must be True or False, "
                          f"got {kw['keep_supernet']!r}.")
+    lo, hi = kw["min_sparsity"], kw["max_sparsity"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+    if not (numbers and 0 <= lo <= sparsity <= hi and (hi < 1 if max_below_one else hi <= 1)):
+        raise ValueError(f"PruningConfig.allocation_kwargs min_sparsity/max_sparsity must satisfy 0 <= min_sparsity "
+                         f"<= sparsity ({sparsity}) <= max_sparsity {'<' if max_below_one else '<='} 1, "
+                         f"got {lo!r}, {hi!r}.")
 
 
 def search_fingerprint(data: dict, kw: dict, input_ids: torch.Tensor) -> str:

@@ -66,11 +66,7 @@ SEARCH_DEFAULTS = {
 
 def _validate(config) -> dict:
     kw = {**SEARCH_DEFAULTS, **config.allocation_kwargs}
-    check_search_kwargs(kw, ("uniform", "owl"))
-    lo, hi = kw["min_sparsity"], kw["max_sparsity"]
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo <= config.sparsity <= hi < 1):
-        raise ValueError(f"PruningConfig.allocation_kwargs min_sparsity/max_sparsity must satisfy 0 <= min_sparsity "
-                         f"<= sparsity ({config.sparsity}) <= max_sparsity < 1, got {lo!r}, {hi!r}.")
+    check_search_kwargs(kw, ("uniform", "owl"), config.sparsity)
     method_cls = get_method_class(config.method)
     if method_cls.prune_block is not PruningMethod.prune_block:
         raise ValueError(f"allocation='search' builds its variants with a local method (one linear at a time, e.g. "

@@ -83,7 +83,7 @@ def validate_structured_search(config) -> dict:
         raise ValueError(f"PruningConfig.allocation_kwargs: unknown keys {unknown} for allocation='search' with "
                          f"structure={config.structure!r}; allowed: {sorted(STRUCTURED_SEARCH_DEFAULTS)}.")
     kw = {**STRUCTURED_SEARCH_DEFAULTS, **config.allocation_kwargs}
-    check_search_kwargs(kw, STRUCTURED_INITS)
+    check_search_kwargs(kw, STRUCTURED_INITS, config.sparsity, max_below_one=False)
     if kw["budget"] not in BUDGETS:
         raise ValueError(f"PruningConfig.allocation_kwargs['budget'] must be one of {list(BUDGETS)}, got {kw['budget']!r}.")
     if kw["budget"] != "latency" and kw["latency_table"] is not None:
@@ -92,11 +92,6 @@ def validate_structured_search(config) -> dict:
     repeats = kw["latency_repeats"]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"PruningConfig.allocation_kwargs['latency_repeats'] must be a positive integer, got {repeats!r}.")
-    lo, hi = kw["min_sparsity"], kw["max_sparsity"]
-    if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and not isinstance(lo, bool)
-            and not isinstance(hi, bool) and 0 <= lo <= config.sparsity <= hi <= 1):
-        raise ValueError(f"PruningConfig.allocation_kwargs min_sparsity/max_sparsity must satisfy 0 <= min_sparsity "
-                         f"<= sparsity ({config.sparsity}) <= max_sparsity <= 1, got {lo!r}, {hi!r}.")
     return kw
 
 
