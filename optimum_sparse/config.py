@@ -107,7 +107,7 @@ class PruningConfig:
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
-    sparsity: float = _help("Fraction of zeros per pruned layer, in [0, 1).", 0.5)
+    sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1).", 0.5)
     structure: str = _help("'unstructured' or 'N:M' (N zeros in each M consecutive input weights).", "unstructured")
     dataset: str = _help("Calibration source when none is passed to apply().", "wiki-offline")
     num_samples: int = _help("Number of calibration sequences.", 128)
