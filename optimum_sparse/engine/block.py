@@ -52,6 +52,14 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class _StopBlock(Exception):
+    """Raised from a hook to skip the rest of a block forward whose remaining outputs are not needed."""
+
+    def __init__(self, value=None):
+        super().__init__()
+        self.value = value
+
+
 class BlockJob:
     """One decoder block on its solve device, with its calibration inputs.
 
@@ -115,6 +123,23 @@ class BlockJob:
             outputs.append(out.to(storage or self.inputs.hidden[i].device))
         return outputs
 
+    @torch.no_grad()
+    def input_of(self, i: int, modules: list[nn.Module]) -> torch.Tensor:
+        """Runs batch `i` only until the first of `modules` is called and returns that call's input tensor."""
+
+        def stop(module, args):
+            raise _StopBlock(args[0].detach())
+
+        handles = [m.register_forward_pre_hook(stop) for m in modules]
+        try:
+            self.forward_batch(i)
+        except _StopBlock as stopped:
+            return stopped.value
+        finally:
+            for h in handles:
+                h.remove()
+        raise RuntimeError(f"Block {self.index}: none of the requested modules ran in the forward pass.")
+
     @contextlib.contextmanager
     def capture(self, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
         """Calls `fn(name, input, output)` on every forward of the given modules while the context is open."""
@@ -131,24 +156,39 @@ class BlockJob:
                 h.remove()
 
     def collect_stats(self, names: list[str], want_hessian: bool) -> dict[str, LinearStats]:
-        """Forwards every calibration batch and accumulates the input statistics of the named linears."""
+        """Forwards every calibration batch and accumulates the input statistics of the named linears.
+
+        When the first batch shows each named linear called exactly once per forward, later batches stop as soon
+        as the last of them has run (e.g. the MLP is skipped while collecting attention statistics).
+        """
         stats = {name: LinearStats() for name in names}
         shared: dict[str, str] = {}  # linears fed the very same tensor (q/k/v, gate/up) share one accumulation
         seen: dict[tuple, tuple] = {}  # holds the tensors too, so that no address is reused within a batch
+        calls = dict.fromkeys(names, 0)
+        stop_early = False
 
         def add(name, inp, out):
+            calls[name] += 1
             key = (inp.data_ptr(), tuple(inp.shape), inp.dtype)
             owner = seen.get(key, (name,))[0]
             if owner != name:
                 shared[name] = owner
-                return
-            seen[key] = (name, inp)
-            stats[name].add(inp.to(self.device), want_hessian)
+            else:
+                seen[key] = (name, inp)
+                stats[name].add(inp.to(self.device), want_hessian)
+            if stop_early and all(calls.values()):
+                raise _StopBlock()
 
         with self.capture({n: self.linears[n] for n in names}, add):
             for i in range(len(self.inputs)):
                 seen.clear()
-                self.forward_batch(i)
+                calls.update(dict.fromkeys(names, 0))
+                try:
+                    self.forward_batch(i)
+                except _StopBlock:
+                    pass
+                if i == 0:
+                    stop_early = all(c == 1 for c in calls.values())
         for name, stat in stats.items():
             if name not in shared:  # several processes: each rank holds a share of the calibration windows
                 all_reduce_sum(stat.hessian)

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .base import PruningMethod, register_method
-from .linalg import damped_cholesky
+from .linalg import SymmetricGram, damped_cholesky
 from .masks import layer_nm
 from .sparsegpt import SparseGPTPruning, sparsegpt_factor, sparsegpt_prune
 from ..engine.distributed import all_reduce_scalar, all_reduce_sum
@@ -62,7 +62,8 @@ class FFNProblem:
 
     Attributes:
         inputs: token chunks of X, `[n_i, d]`, on the storage device.
-        targets: token chunks of the dense FFN output Y, `[n_i, d]`.
+        targets: token chunks of the FFN's target output Y, `[n_i, d]`, or `None` for the dense FFN's own output
+            (computed from the weights in the first pass over the chunks).
         w_in: `[f_in, d]` input-side weights, the gate rows first for gated FFNs (`[W_g; W_u]`), else `W_u`.
         b_in: bias of `w_in` or `None`.
         w_down: `[d, f]` output projection; `b_down` its bias or `None`.
@@ -71,7 +72,7 @@ class FFNProblem:
     """
 
     inputs: list
-    targets: list
+    targets: Optional[list]
     w_in: torch.Tensor
     b_in: Optional[torch.Tensor]
     w_down: torch.Tensor
@@ -150,9 +151,9 @@ def _value_and_slope(act):
 def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps, rows_per_chunk=1024):
     """Element-wise minimiser of α(v − m)² + γ(p − φ(v)·mult)², starting at v; never increases the objective.
 
-    Each step is a Gauss-Newton step (curvature 2α + 2γ(φ'·mult)² > 0) tried at full and half length; an element
-    keeps its old value where neither lowers its objective. Rows are processed in chunks so the temporaries stay
-    small.
+    Each step is a Gauss-Newton step (curvature 2α + 2γ(φ'·mult)² > 0). An element takes its step only where that
+    lowers its objective; elsewhere it keeps its value and halves its step length for the next step. One
+    evaluation of φ and φ' per step; rows are processed in chunks so the temporaries stay small.
     """
     value_and_slope = _value_and_slope(act)
     scalar_mult = not torch.is_tensor(mult)
@@ -161,22 +162,20 @@ def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps, rows_per_chunk=1024):
         rows = slice(start, start + rows_per_chunk)
         vc, mc, pc = v[rows], m[rows], p[rows]
         kc = mult if scalar_mult else mult[rows]
+        phi, slope = value_and_slope(vc)
+        dv, residual = vc - mc, pc - phi * kc
+        objective = alpha * dv * dv + gamma * residual * residual
+        length = torch.ones_like(vc)
         for _ in range(steps):
-            phi, slope = value_and_slope(vc)
-            dv = vc - mc
-            residual = pc - phi * kc
-            slope = slope * kc
-            best_obj = alpha * dv * dv + gamma * residual * residual
-            step = (alpha * dv - gamma * residual * slope) / (alpha + gamma * slope * slope)
-            best = vc
-            for scale in (1.0, 0.5):
-                candidate = vc - scale * step
-                dc = candidate - mc
-                rc = pc - act(candidate) * kc
-                obj = alpha * dc * dc + gamma * rc * rc
-                better = obj < best_obj
-                best, best_obj = torch.where(better, candidate, best), torch.where(better, obj, best_obj)
-            vc = best
+            gain = slope * kc
+            candidate = vc - length * (alpha * dv - gamma * residual * gain) / (alpha + gamma * gain * gain)
+            phi, slope_c = value_and_slope(candidate)
+            dc, rc = candidate - mc, pc - phi * kc
+            objective_c = alpha * dc * dc + gamma * rc * rc
+            better = objective_c < objective
+            vc, dv, residual = torch.where(better, candidate, vc), torch.where(better, dc, dv), torch.where(better, rc, residual)
+            slope, objective = torch.where(better, slope_c, slope), torch.where(better, objective_c, objective)
+            length = torch.where(better, length, 0.5 * length)
         out[rows] = vc
     return out
 
@@ -252,33 +251,38 @@ def solve_ffn(
     storage = storage or device
     gated, act = problem.gated, problem.act
     X, Y, A = _Chunks(storage, device), _Chunks(storage, device), _Chunks(storage, device)  # A: pre-activations
-    for x, y in zip(problem.inputs, problem.targets):
+    for i, x in enumerate(problem.inputs):
         X.append(x)
-        Y.append(y - problem.b_down if problem.b_down is not None else y)
+        if problem.targets is not None:
+            y = problem.targets[i]
+            Y.append(y - problem.b_down if problem.b_down is not None else y)
     w_in, w_down = problem.w_in.to(device), problem.w_down.to(device)
     b_in = problem.b_in.to(device) if problem.b_in is not None else None
     f_in, d = w_in.shape
     f, d_out = w_down.shape[1], w_down.shape[0]
 
     # fixed statistics, initial auxiliaries, and the energies that make α, β, γ scale-free
-    H_x = torch.zeros(d, d, device=device)
-    H_p = torch.zeros(f, f, device=device)
+    gram_x, gram_p = SymmetricGram(d, device), SymmetricGram(f, device)
     PY = torch.zeros(f, d_out, device=device)
     sq_a = torch.zeros(f_in, device=device)
     y_energy, p_energy, tokens = 0.0, 0.0, 0
     for i in range(len(X)):
-        x, y = X[i], Y[i]
+        x = X[i]
         pre = _linear(x, w_in, b_in)
         p = _ffn_inner(pre, act, gated)
-        H_x.addmm_(x.t(), x)
-        H_p.addmm_(p.t(), p)
+        if problem.targets is None:  # the dense FFN's output, less its bias
+            Y.append(p @ w_down.t())
+        y = Y[i]
+        gram_x.add(x)
+        gram_p.add(p)
         sq_a += pre.pow(2).sum(0)
         y_energy += float(y.pow(2).sum())
         p_energy += float(p.pow(2).sum())
         tokens += x.shape[0]
         A.append(pre)
-    for total in (H_x, H_p, sq_a):  # several processes: each holds a share of the tokens
+    for total in (gram_x.matrix, gram_p.matrix, sq_a):  # several processes: each holds a share of the tokens
         all_reduce_sum(total)
+    H_x, H_p = gram_x.symmetric(), gram_p.symmetric()
     y_energy, p_energy, tokens = (all_reduce_scalar(v) for v in (y_energy, p_energy, tokens))
     halves = [f_in // 2, f_in - f_in // 2] if gated else [f_in]
     a_scale = torch.cat([part.mean().expand(len(part)) for part in torch.split(sq_a / tokens, halves)])
@@ -313,7 +317,7 @@ def solve_ffn(
     for t in range(1, iterations + 1):
         ridge = _RidgeSolver(cur_down, beta_eff, gamma_eff)
         XA = torch.zeros(d, f_in, device=device)
-        H_p.zero_()
+        gram_p.zero_()
         PY.zero_()
         error = 0.0
         for i in range(len(X)):
@@ -332,35 +336,34 @@ def solve_ffn(
                 pre = _gauss_newton(pre, m, p, 1.0, act, alpha_vec, gamma_eff, newton_steps)
             A[i] = pre
             XA.addmm_(x.t(), pre - b_in if b_in is not None else pre)
-            H_p.addmm_(p.t(), p)
+            gram_p.add(p)
             PY.addmm_(p.t(), y)
-        for total in (XA, H_p, PY):
+        for total in (XA, gram_p.matrix, PY):
             all_reduce_sum(total)
+        H_p = gram_p.symmetric()
         record(all_reduce_scalar(error) / y_energy, "sparsegpt" if t == 1 else f"iteration {t - 1}")
         # weights: least squares to the auxiliary targets, then the mask solver on that target
         cur_in, mask_in = prune_in(least_squares(H_x, XA), H_x)
         cur_down, mask_down = prune_down(least_squares(H_p, PY), H_p)
 
     # error of the last iterate, with the sums that refit its down projection on the actual activations
-    H_p.zero_()
-    PY.zero_()
-    for i in range(len(X)):
-        p = _ffn_inner(_linear(X[i], cur_in, b_in), act, gated)
-        H_p.addmm_(p.t(), p)
-        PY.addmm_(p.t(), Y[i])
-    all_reduce_sum(H_p)
-    all_reduce_sum(PY)
+    def activation_sums(w):
+        """`(PᵀP, PᵀY)` of the FFN's actual activations `P` under input weights `w`."""
+        gram_p.zero_()
+        PY.zero_()
+        for i in range(len(X)):
+            p = _ffn_inner(_linear(X[i], w, b_in), act, gated)
+            gram_p.add(p)
+            PY.addmm_(p.t(), Y[i])
+        all_reduce_sum(gram_p.matrix)
+        all_reduce_sum(PY)
+        return gram_p.symmetric(), PY
+
+    H_p, PY = activation_sums(cur_in)
     record(down_error(cur_down, H_p, PY), "sparsegpt" if iterations == 0 else f"iteration {iterations}")
     if refit_down:
         if result.w_in is not cur_in:  # an earlier iterate won: its sums are needed
-            H_p.zero_()
-            PY.zero_()
-            for i in range(len(X)):
-                p = _ffn_inner(_linear(X[i], result.w_in, b_in), act, gated)
-                H_p.addmm_(p.t(), p)
-                PY.addmm_(p.t(), Y[i])
-            all_reduce_sum(H_p)
-            all_reduce_sum(PY)
+            H_p, PY = activation_sums(result.w_in)
         w, mask = prune_down(least_squares(H_p, PY), H_p)
         error = down_error(w, H_p, PY)
         result.history.append(error)
@@ -460,29 +463,45 @@ class SparseLLMPruning(PruningMethod):
         act = _resolve(job.block, mlp.activation)
         gated = mlp.gated
         modules = {"up": job.linears[up], "down": job.linears[down]}
+        if gate is not None:
+            modules["gate"] = job.linears[gate]
 
         # X: FFN input (after the pruned attention); Y: dense FFN output
         storage = self._storage_device(job, device)
-        captured = {"up": [], "down": []}
+        captured = {"up": [], "down": [], "gate": []}
 
         def grab(name, inp, out):
-            t = inp if name == "up" else out
+            t = out if name == "down" else inp
             captured[name].append(t.reshape(-1, t.shape[-1]).to(storage, torch.float32))
 
         if dense_outputs is not None and not (mlp.adds_to_residual and getattr(job.block, "do_layer_norm_before", True)):
             logger.warning("Block %d: the FFN output is normalised before the residual; using ffn_target='dense_ffn'.",
                            job.index)
             dense_outputs = None
+        # Full forwards only where the block output is needed (the dense-model target) and on the first batch, whose
+        # FFN output checks the formula; the other batches stop at the FFN input, and the dense FFN output is then
+        # computed from the weights (SparseLLM's first pass does it anyway).
+        full = len(job.inputs) if dense_outputs is not None else 1
         corrections = []
         with job.capture(modules, grab):
-            for i in range(len(job.inputs)):
+            for i in range(full):
                 out = job.forward_batch(i)
                 if dense_outputs is not None:
                     # the dense model's block output minus this block's: the FFN is asked to make up for the
                     # pruned attention and for the error carried in from earlier blocks
                     delta = dense_outputs[i].to(out.device) - out
                     corrections.append(delta.reshape(-1, delta.shape[-1]).to(storage, torch.float32))
-        X, Y = self._rechunk(torch.cat(captured["up"])), self._rechunk(torch.cat(captured["down"]))
+        if full < len(job.inputs) and captured["gate"] and not torch.equal(captured["gate"][0], captured["up"][0]):
+            full = len(job.inputs)  # gate and up read different inputs: capture every batch whole
+            with job.capture(modules, grab):
+                for i in range(1, full):
+                    job.forward_batch(i)
+        for i in range(full, len(job.inputs)):
+            x = job.input_of(i, [job.linears[n] for n in (gate, up) if n is not None])
+            captured["up"].append(x.reshape(-1, x.shape[-1]).to(storage, torch.float32))
+        X = self._rechunk(torch.cat(captured["up"]))
+        first_output = captured["down"][0]
+        Y = self._rechunk(torch.cat(captured["down"])) if full == len(job.inputs) else None
         del captured
 
         w_up = read_weight(job.linears[up], device)
@@ -492,7 +511,7 @@ class SparseLLMPruning(PruningMethod):
         w_down = read_weight(job.linears[down], device)
         b_down = self._bias(job.linears[down], device)
         problem = FFNProblem(X, Y, w_in, b_in, w_down, b_down, act, gated)
-        matches = self._formula_matches(problem, device)
+        matches = self._formula_matches(problem, first_output, device)
         if all_reduce_scalar(0.0 if matches else 1.0) > 0:  # every rank takes the same branch
             logger.warning("Block %d: FFN output does not match the %s layout; pruning it with SparseGPT.",
                            job.index, "gated" if gated else "plain")
@@ -568,8 +587,9 @@ class SparseLLMPruning(PruningMethod):
         return torch.cat(parts)
 
     @staticmethod
-    def _formula_matches(problem: FFNProblem, device) -> bool:
-        x = problem.inputs[0][:64].to(device)
-        y = problem.targets[0][:64].to(device)
+    def _formula_matches(problem: FFNProblem, first_output: torch.Tensor, device) -> bool:
+        rows = min(64, first_output.shape[0])
+        x = problem.inputs[0][:rows].to(device)
+        y = first_output[:rows].to(device)
         pred = _linear(_ffn_inner(_linear(x, problem.w_in, problem.b_in), problem.act, problem.gated), problem.w_down, problem.b_down)
         return bool(torch.isfinite(pred).all()) and float((pred - y).norm()) <= 1e-3 * max(float(y.norm()), 1e-6) + 1e-5

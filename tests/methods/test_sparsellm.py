@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from optimum_sparse import PruningConfig, SparsePruner
 from optimum_sparse.engine import find_blocks, get_architecture
-from optimum_sparse.methods.sparsellm import _RidgeSolver, _gauss_newton, _value_and_slope
+from optimum_sparse.methods.linalg import SymmetricGram
+from optimum_sparse.methods.sparsellm import FFNProblem, _RidgeSolver, _gauss_newton, _value_and_slope, solve_ffn
 
 from ..helpers import TABLE_ARCHS, block_linears, make_ids, make_model, num_zeros, weight_out_in
 
@@ -204,3 +205,35 @@ def test_ridge_solver_matches_the_normal_equations(shape):
     gram = beta * w.double().t() @ w.double() + gamma * torch.eye(shape[1], dtype=torch.float64)
     expected = torch.linalg.solve(gram, r.double().t()).t().float()
     torch.testing.assert_close(_RidgeSolver(w, beta, gamma).solve(r.clone()), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size,parts", [(1, 4), (7, 4), (64, 3), (96, 8)])
+def test_symmetric_gram_equals_the_full_product(size, parts):
+    gram = SymmetricGram(size, parts=parts)
+    chunks = [torch.randn(40, size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for x in chunks:
+        gram.add(x)
+    expected = sum(x.t() @ x for x in chunks)
+    torch.testing.assert_close(gram.symmetric(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_targets_from_the_weights_equal_given_targets():
+    """`targets=None` (the dense FFN output computed in the first pass) solves the same problem as passing it."""
+    gen = torch.Generator().manual_seed(0)
+    d, f = 8, 24
+    inputs = [torch.randn(50, d, generator=gen) for _ in range(2)]
+    w_in, w_down = torch.randn(2 * f, d, generator=gen), torch.randn(d, f, generator=gen) / f**0.5
+    b_down = torch.randn(d, generator=gen)
+    targets = [F.silu(x @ w_in[:f].t()) * (x @ w_in[f:].t()) @ w_down.t() + b_down for x in inputs]
+
+    def prune(weight, hessian):  # magnitude, half of each row
+        keep = weight.abs() >= weight.abs().median(dim=1, keepdim=True).values
+        return weight * keep, ~keep
+
+    results = [
+        solve_ffn(FFNProblem(inputs, t, w_in, None, w_down, b_down, F.silu, True), prune, prune, torch.device("cpu"))
+        for t in (targets, None)
+    ]
+    torch.testing.assert_close(results[1].w_in, results[0].w_in, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[1].w_down, results[0].w_down, rtol=1e-4, atol=1e-5)
+    assert results[1].history == pytest.approx(results[0].history, rel=1e-4)
