@@ -3,7 +3,8 @@
     python benchmarks/merge_results.py benchmarks/results/allocation_cpu-2c.json /tmp/a.json /tmp/b.json
 
 Every merged run keeps the command, commit and settings of the file it came from (`run["source"]`); a run of the
-same method, setting and allocation already in the output is replaced. The inputs must be the same benchmark.
+same method, setting and allocation already in the output is replaced, unless it is identical (an input made with
+`--resume` from a copy of the output carries the old runs unchanged). The inputs must be the same benchmark.
 """
 
 import argparse
@@ -31,9 +32,11 @@ def merge(output: str, inputs: list[str]) -> dict:
             raise ValueError(f"{path}: benchmark {data.get('benchmark')!r}, expected {merged.get('benchmark')!r}.")
         source = {"command": data.get("command"), "git": data.get("git"), "settings": data.get("settings"),
                   "created": data.get("created")}
-        fresh = {_key(r) for r in data["runs"]}
+        existing = {_key(r): {k: v for k, v in r.items() if k != "source"} for r in merged["runs"]}
+        new = [r for r in data["runs"] if existing.get(_key(r)) != r]  # runs copied over by --resume stay as they are
+        fresh = {_key(r) for r in new}
         merged["runs"] = [r for r in merged["runs"] if _key(r) not in fresh]
-        merged["runs"].extend({**run, "source": source} for run in data["runs"])
+        merged["runs"].extend({**run, "source": source} for run in new)
         merged.setdefault("merged_commands", []).append(data.get("command"))
     return merged
 
