@@ -10,7 +10,7 @@ with X the FFN input (after the block's already-pruned attention) and Y the dens
 
 1. weights: least squares to the auxiliary targets through d×d / f×f normal equations (`XᵀX`, `pᵀp`, damped), then
    the SparseGPT solver picks the mask on that target (exact: ‖T − W̃X‖² = ‖T − W*X‖² + ‖(W* − W̃)X‖²);
-2. `p`: ridge, `p = (β(Y − b)W_d + γ φ(s)⊙z)(βW_dᵀW_d + γI)⁻¹`;
+2. `p`: ridge, `p = φ + (Y − φW_dᵀ)W_d(W_dᵀW_d + γ/β·I)⁻¹` with φ = φ(s)⊙z;
 3. `z` (gated): closed form `(α m + γ σ p)/(α + γ σ²)`, σ = φ(s);
 4. `s` (gated) or `z` (plain): element-wise Gauss-Newton steps with backtracking (every accepted step lowers the
    objective), exact for any smooth activation (SiLU, GELU) instead of the reference code's barely-moving
@@ -181,31 +181,27 @@ def _gauss_newton(v, m, p, mult, act, alpha, gamma, steps, rows_per_chunk=1024):
 
 
 class _RidgeSolver:
-    """Row-wise `r ↦ r (βWᵀW + γI)⁻¹` for `W` of shape `[d, f]`.
+    """`p = argmin_p β‖y − p Wᵀ‖² + γ‖p − φ‖²` row-wise, for `W` of shape `[d, f]`.
 
-    When `d < f` (every FFN) it uses the Woodbury identity
-    `(γI + βWᵀW)⁻¹ = (I − Wᵀ(γ/β·I + WWᵀ)⁻¹W)/γ`: a d×d factorization and two `[n, d] × [d, f]` products per
-    chunk instead of two f×f triangular solves.
+    In residual form `p = φ + (y − φWᵀ) G` with `G = W(WᵀW + γ/β·I)⁻¹ = (WWᵀ + γ/β·I)⁻¹W` (push-through identity),
+    factorised on the smaller of the two systems: two `[n, d] × [d, f]` products per chunk and no f×f solve.
     """
 
     def __init__(self, w: torch.Tensor, beta: float, gamma: float):
-        self.gamma = gamma
         w64 = w.double()
-        self.woodbury = w.shape[0] < w.shape[1]
-        if self.woodbury:
+        ratio = gamma / beta
+        if w.shape[0] <= w.shape[1]:
             small = w64 @ w64.t()
-            small.diagonal().add_(gamma / beta)
-            self.w = w
-            self.k_inv_w = torch.cholesky_solve(w64, torch.linalg.cholesky(small)).to(w.dtype)
+            small.diagonal().add_(ratio)
+            g = torch.cholesky_solve(w64, torch.linalg.cholesky(small))
         else:
-            gram = beta * (w64.t() @ w64)
-            gram.diagonal().add_(gamma)
-            self.chol = torch.linalg.cholesky(gram).to(w.dtype)
+            small = w64.t() @ w64
+            small.diagonal().add_(ratio)
+            g = torch.cholesky_solve(w64.t(), torch.linalg.cholesky(small)).t()
+        self.w, self.g = w, g.to(w.dtype)
 
-    def solve(self, r: torch.Tensor) -> torch.Tensor:
-        if self.woodbury:
-            return (r - (r @ self.w.t()) @ self.k_inv_w).div_(self.gamma)
-        return torch.cholesky_solve(r.t(), self.chol).t()
+    def solve(self, y: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(phi, torch.addmm(y, phi, self.w.t(), alpha=-1.0), self.g)
 
 
 class _Chunks:
@@ -323,12 +319,19 @@ def solve_ffn(
         for i in range(len(X)):
             x, y, pre = X[i], Y[i], A[i]
             m = _linear(x, cur_in, b_in)
-            error += float((y - _ffn_inner(m, act, gated) @ cur_down.t()).pow(2).sum())
-            # p: ridge between the output target and the activation constraint
-            p = ridge.solve(beta_eff * (y @ cur_down) + gamma_eff * _ffn_inner(pre, act, gated))
-            if gated:  # z in closed form given s, then s by Gauss-Newton given z
-                (s, z), (m_s, m_z), (a_s, a_z) = _split(pre, True), _split(m, True), _split(alpha_vec, True)
+            residual = torch.addmm(y, _ffn_inner(m, act, gated), cur_down.t(), alpha=-1.0).view(-1)
+            error += float(torch.dot(residual, residual))
+            if gated:
+                s, z = _split(pre, True)
                 sigma = act(s)
+                phi = sigma * z
+            else:
+                phi = act(pre)
+            # p: ridge between the output target and the activation constraint
+            p = ridge.solve(y, phi)
+            del phi
+            if gated:  # z in closed form given s, then s by Gauss-Newton given z
+                (m_s, m_z), (a_s, a_z) = _split(m, True), _split(alpha_vec, True)
                 z = (a_z * m_z + gamma_eff * sigma * p) / (a_z + gamma_eff * sigma.pow(2))
                 s = _gauss_newton(s, m_s, p, z, act, a_s, gamma_eff, newton_steps)
                 pre = torch.cat([s, z], dim=-1)

@@ -200,11 +200,13 @@ def test_activation_slope_matches_autograd(act):
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6)], ids=["woodbury", "direct"])
 def test_ridge_solver_matches_the_normal_equations(shape):
     torch.manual_seed(0)
-    w, r = torch.randn(shape), torch.randn(30, shape[1])
+    w, y, phi = torch.randn(shape), torch.randn(30, shape[0]), torch.randn(30, shape[1])
     beta, gamma = 0.7, 1.9
+    # argmin_p β‖y − p wᵀ‖² + γ‖p − φ‖²: (βwᵀw + γI) pᵀ = βwᵀyᵀ + γφᵀ
     gram = beta * w.double().t() @ w.double() + gamma * torch.eye(shape[1], dtype=torch.float64)
-    expected = torch.linalg.solve(gram, r.double().t()).t().float()
-    torch.testing.assert_close(_RidgeSolver(w, beta, gamma).solve(r.clone()), expected, atol=1e-5, rtol=1e-4)
+    rhs = beta * y.double() @ w.double() + gamma * phi.double()
+    expected = torch.linalg.solve(gram, rhs.t()).t().float()
+    torch.testing.assert_close(_RidgeSolver(w, beta, gamma).solve(y, phi), expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("size,parts", [(1, 4), (7, 4), (64, 3), (96, 8)])
