@@ -37,7 +37,8 @@ SETTINGS = ["50%", "70%", "80%", "90%", "2:4", "4:8"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="Model alias, folder or Hub id (float32).")
-    p.add_argument("--methods", nargs="+", default=METHODS, help=f"Methods to run (default: {' '.join(METHODS)}).")
+    p.add_argument("--methods", nargs="*", default=METHODS,
+                   help=f"Methods to run (default: {' '.join(METHODS)}; none with `--variant`: only the variants).")
     p.add_argument("--settings", nargs="+", default=SETTINGS,
                    help=f"Sparsity settings: percentages or fractions (unstructured) and N:M (default: {' '.join(SETTINGS).replace('%', '%%')}).")
     p.add_argument("--variant", nargs=3, action="append", default=[], metavar=("LABEL", "METHOD", "KWARGS_JSON"),
