@@ -17,7 +17,7 @@ import torch.nn as nn
 from .distributed import all_reduce_scalar, all_reduce_sum
 from ..methods.base import LinearStats
 from .architectures import ArchitectureSpec
-from .capture import BlockInputs
+from .capture import BlockInputs, StopForward
 from .devices import move_to
 from .linears import read_weight, write_weight
 
@@ -50,14 +50,6 @@ class LayerReport:
 
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class _StopBlock(Exception):
-    """Raised from a hook to skip the rest of a block forward whose remaining outputs are not needed."""
-
-    def __init__(self, value=None):
-        super().__init__()
-        self.value = value
 
 
 class BlockJob:
@@ -128,12 +120,12 @@ class BlockJob:
         """Runs batch `i` only until the first of `modules` is called and returns that call's input tensor."""
 
         def stop(module, args):
-            raise _StopBlock(args[0].detach())
+            raise StopForward(args[0].detach())
 
         handles = [m.register_forward_pre_hook(stop) for m in modules]
         try:
             self.forward_batch(i)
-        except _StopBlock as stopped:
+        except StopForward as stopped:
             return stopped.value
         finally:
             for h in handles:
@@ -177,7 +169,7 @@ class BlockJob:
                 seen[key] = (name, inp)
                 stats[name].add(inp.to(self.device), want_hessian)
             if stop_early and all(calls.values()):
-                raise _StopBlock()
+                raise StopForward()
 
         with self.capture({n: self.linears[n] for n in names}, add):
             for i in range(len(self.inputs)):
@@ -185,7 +177,7 @@ class BlockJob:
                 calls.update(dict.fromkeys(names, 0))
                 try:
                     self.forward_batch(i)
-                except _StopBlock:
+                except StopForward:
                     pass
                 if i == 0:
                     stop_early = all(c == 1 for c in calls.values())

@@ -18,8 +18,12 @@ logger = logging.getLogger(__name__)
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early; `value` carries what the hook captured, if anything."""
+
+    def __init__(self, value=None):
+        super().__init__()
+        self.value = value
 
 
 @dataclass
@@ -135,7 +139,7 @@ def capture_block_inputs(
             kwargs_list.append(kwargs)
             seen.add(kind)
             if len(seen) == len(kinds):
-                raise _StopForward
+                raise StopForward
 
         return pre_hook
 
@@ -147,7 +151,7 @@ def capture_block_inputs(
             seen.clear()
             try:
                 model(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             else:
                 raise RuntimeError("The model never called its decoder blocks; cannot capture their inputs.")

@@ -44,7 +44,7 @@ __all__ = ["SparseLLMPruning", "FFNProblem", "solve_ffn"]
 logger = logging.getLogger(__name__)
 
 _DEFAULTS = {
-    "iterations": 2,
+    "iterations": 1,
     "alpha": 1.0,
     "beta": 1.0,
     "gamma": 1.0,
@@ -229,7 +229,7 @@ def solve_ffn(
     prune_down: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     storage: Optional[torch.device] = None,
-    iterations: int = 2,
+    iterations: int = 1,
     alpha: float = 1.0,
     beta: float = 1.0,
     gamma: float = 1.0,
@@ -387,7 +387,7 @@ def _resolve(block: nn.Module, path: str):
 class SparseLLMPruning(PruningMethod):
     """SparseLLM: attention by SparseGPT, each FFN solved jointly (see the module docstring).
 
-    `method_kwargs`: `iterations` (2), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (2),
+    `method_kwargs`: `iterations` (1), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (2),
     `refit_down` (True), `chunk_tokens` (8192), `activation_device` (auto: the solve device when the FFN
     activations fit in a quarter of its free memory, else CPU).
     """
@@ -474,6 +474,8 @@ class SparseLLMPruning(PruningMethod):
         captured = {"up": [], "down": [], "gate": []}
 
         def grab(name, inp, out):
+            if name == "gate" and captured["gate"]:
+                return  # the first batch's gate input is enough to check that gate and up read the same tensor
             t = out if name == "down" else inp
             captured[name].append(t.reshape(-1, t.shape[-1]).to(storage, torch.float32))
 
@@ -494,11 +496,7 @@ class SparseLLMPruning(PruningMethod):
                     # pruned attention and for the error carried in from earlier blocks
                     delta = dense_outputs[i].to(out.device) - out
                     corrections.append(delta.reshape(-1, delta.shape[-1]).to(storage, torch.float32))
-        if full < len(job.inputs) and captured["gate"] and not torch.equal(captured["gate"][0], captured["up"][0]):
-            full = len(job.inputs)  # gate and up read different inputs: capture every batch whole
-            with job.capture(modules, grab):
-                for i in range(1, full):
-                    job.forward_batch(i)
+        same_input = not captured["gate"] or torch.equal(captured["gate"][0], captured["up"][0])
         for i in range(full, len(job.inputs)):
             x = job.input_of(i, [job.linears[n] for n in (gate, up) if n is not None])
             captured["up"].append(x.reshape(-1, x.shape[-1]).to(storage, torch.float32))
@@ -514,7 +512,7 @@ class SparseLLMPruning(PruningMethod):
         w_down = read_weight(job.linears[down], device)
         b_down = self._bias(job.linears[down], device)
         problem = FFNProblem(X, Y, w_in, b_in, w_down, b_down, act, gated)
-        matches = self._formula_matches(problem, first_output, device)
+        matches = same_input and self._formula_matches(problem, first_output, device)
         if all_reduce_scalar(0.0 if matches else 1.0) > 0:  # every rank takes the same branch
             logger.warning("Block %d: FFN output does not match the %s layout; pruning it with SparseGPT.",
                            job.index, "gated" if gated else "plain")

@@ -239,3 +239,18 @@ def test_dense_targets_from_the_weights_equal_given_targets():
     torch.testing.assert_close(results[1].w_in, results[0].w_in, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[1].w_down, results[0].w_down, rtol=1e-4, atol=1e-5)
     assert results[1].history == pytest.approx(results[0].history, rel=1e-4)
+
+
+def test_gate_reading_another_input_falls_back_to_sparsegpt(caplog):
+    """A gated FFN whose gate does not read the up projection's input is not the joint problem: SparseGPT prunes it."""
+    model = make_model("llama", num_layers=1)
+    spec = get_architecture(model)
+    block = find_blocks(model, spec)[0]
+    block.get_submodule(spec.mlp.gate).register_forward_pre_hook(lambda module, args: (args[0] * 2.0,))
+    with caplog.at_level("WARNING"):
+        pruner = _prune(model, "sparsellm", make_ids(), sparsity=0.5)
+    assert "does not match the gated layout" in caplog.text
+    assert "ffn_error" not in pruner.report.blocks[0]
+    for name in (spec.mlp.gate, spec.mlp.up, spec.mlp.down):
+        module = block.get_submodule(name)
+        assert num_zeros(module) == int(weight_out_in(module).numel() * 0.5), name
