@@ -50,7 +50,7 @@ _DEFAULTS = {
     "gamma": 1.0,
     "newton_steps": 2,
     "refit_down": True,
-    "chunk_tokens": 8192,
+    "chunk_tokens": 4096,
     "activation_device": None,
     "ffn_target": "dense_ffn",
 }
@@ -388,7 +388,7 @@ class SparseLLMPruning(PruningMethod):
     """SparseLLM: attention by SparseGPT, each FFN solved jointly (see the module docstring).
 
     `method_kwargs`: `iterations` (1), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (2),
-    `refit_down` (True), `chunk_tokens` (8192), `activation_device` (auto: the solve device when the FFN
+    `refit_down` (True), `chunk_tokens` (4096), `activation_device` (auto: the solve device when the FFN
     activations fit in a quarter of its free memory, else CPU).
     """
 
