@@ -188,17 +188,12 @@ class _RidgeSolver:
     """
 
     def __init__(self, w: torch.Tensor, beta: float, gamma: float):
-        w64 = w.double()
-        ratio = gamma / beta
-        if w.shape[0] <= w.shape[1]:
-            small = w64 @ w64.t()
-            small.diagonal().add_(ratio)
-            g = torch.cholesky_solve(w64, torch.linalg.cholesky(small))
-        else:
-            small = w64.t() @ w64
-            small.diagonal().add_(ratio)
-            g = torch.cholesky_solve(w64.t(), torch.linalg.cholesky(small)).t()
-        self.w, self.g = w, g.to(w.dtype)
+        wide = w.shape[0] <= w.shape[1]
+        a = w.double() if wide else w.double().t()  # the factor whose Gram `a aᵀ` is the smaller system
+        small = a @ a.t()
+        small.diagonal().add_(gamma / beta)
+        g = torch.cholesky_solve(a, torch.linalg.cholesky(small))
+        self.w, self.g = w, (g if wide else g.t()).to(w.dtype)
 
     def solve(self, y: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
         return torch.addmm(phi, torch.addmm(y, phi, self.w.t(), alpha=-1.0), self.g)
