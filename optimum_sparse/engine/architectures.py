@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["MLPSpec", "ArchitectureSpec", "ARCHITECTURES", "get_architecture", "find_blocks", "UnsupportedModelError"]
+__all__ = ["MLPSpec", "ArchitectureSpec", "ARCHITECTURES", "MOE_ARCHITECTURES", "get_architecture", "find_blocks", "UnsupportedModelError"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,16 @@ def _moe_spec(ffn: str, activation: str) -> ArchitectureSpec:
 
 _MOE = _moe_spec("mlp", "mlp.act_fn")
 
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
+# Mixture-of-experts decoders: their groups name every layout variant (attention kinds, shared experts, dense blocks)
+# and so list names a given block may lack; tested in tests/moe/.
+MOE_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
                      "gpt_oss", "phimoe"), _MOE),
     "granitemoe": _moe_spec("block_sparse_moe", "block_sparse_moe.act_fn"),
     "llama4_text": _moe_spec("feed_forward", "feed_forward.activation_fn"),
+}
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -173,7 +178,7 @@ def _generic_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def get_architecture(model: nn.Module) -> ArchitectureSpec:
     """Returns the table entry for `model.config.model_type`, or a generic spec found by search."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = ARCHITECTURES.get(model_type) or MOE_ARCHITECTURES.get(model_type)
     if spec is not None and isinstance(_get_path(model, spec.blocks), nn.ModuleList):
         return spec
     if spec is not None:

@@ -200,7 +200,7 @@ class BlockJob:
                 seen.clear()
                 calls.update(dict.fromkeys(names, 0))
                 if collector is not None:
-                    collector.new_batch()
+                    collector.new_batch(self.inputs.hidden[i].shape[0])
                 try:
                     self.forward_batch(i)
                 except StopForward:

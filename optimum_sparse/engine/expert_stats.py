@@ -110,6 +110,7 @@ class ExpertStatsCollector:
                     for name in group.up.values():
                         self.stats[name] = shared
         self.after_call: Callable[[], None] = lambda: None
+        self.windows = 1
         self.extra: dict[str, dict] = {}  # per projection: routed tokens, statistics mode, fallback (for the report)
 
     def _zeros(self, features: int) -> ExpertStats:
@@ -126,7 +127,9 @@ class ExpertStatsCollector:
     def called_once(self) -> bool:
         return all(group.calls == 1 for group in self.modules.values())
 
-    def new_batch(self) -> None:
+    def new_batch(self, windows: int) -> None:
+        """Starts a calibration batch of `windows` sequences (sums are per window: independent of the batching)."""
+        self.windows = windows
         for group in self.modules.values():
             group.calls = 0
 
@@ -151,29 +154,38 @@ class ExpertStatsCollector:
             for h in handles:
                 h.remove()
 
+    def _add(self, stats: ExpertStats, x: torch.Tensor, window: Optional[torch.Tensor]) -> None:
+        """Adds rows `x` `[n, in]`, one `x xᵀ` product per calibration window (`window`: each row's window)."""
+        if window is None:
+            stats.add(x.reshape(self.windows, -1, x.shape[-1]), self.want_hessian)
+            return
+        for w in torch.unique(window).tolist():
+            stats.add(x[window == w], self.want_hessian)
+
     @torch.no_grad()
     def _add_pooled(self, group: _Module, key: int, x: torch.Tensor) -> None:
         x = x.to(self.device, torch.float32)
         if group.up:
-            self.pooled_up[key].add(x, self.want_hessian)
+            self._add(self.pooled_up[key], x, None)
         for e, name in group.down.items():
-            self.stats[name].add(expert_intermediate(group.experts, group.layout, e, x), self.want_hessian)
+            self._add(self.stats[name], expert_intermediate(group.experts, group.layout, e, x), None)
 
     @torch.no_grad()
     def _on_experts_call(self, group: _Module, args: tuple, kwargs: dict) -> None:
         group.calls += 1
         hidden, per_expert = routed_tokens(group.layout, group.count, args, kwargs)
+        per_window = hidden.shape[-2] // self.windows
         for e, (token, weight) in enumerate(per_expert):
             group.routed[e] += int(token.numel())
             if self.mode == "pooled" or token.numel() == 0 or (e not in group.up and e not in group.down):
                 continue
             x = (hidden[e] if group.layout.input_scaled else hidden)[token].to(self.device, torch.float32)
             w = weight.to(self.device, torch.float32).unsqueeze(-1)
+            window = token.to(self.device) // per_window
             if e in group.up:
-                self.stats[group.up[e]].add(x * w, self.want_hessian)
+                self._add(self.stats[group.up[e]], x * w, window)
             if e in group.down:
-                self.stats[group.down[e]].add(expert_intermediate(group.experts, group.layout, e, x) * w,
-                                              self.want_hessian)
+                self._add(self.stats[group.down[e]], expert_intermediate(group.experts, group.layout, e, x) * w, window)
         self.after_call()
 
     def finalize(self) -> dict[str, ExpertStats]:
