@@ -101,6 +101,17 @@ class ExpertStatsCollector:
                 self.parents[id(handle.experts)] = block.get_submodule(parent) if parent else block
             (group.down if handle.projection == "down_proj" else group.up)[handle.index] = name
             self.stats[name] = self._zeros(handle.in_features)
+        self.requested = list(handles)
+        if self.mode == "routed":  # the fallback's mean needs the module's other experts too: collected, not returned
+            for group in self.modules.values():
+                for projection, names in ((group.layout.up_name, group.up), ("down_proj", group.down)):
+                    if not names:
+                        continue
+                    for e in range(group.count):
+                        if e not in names:
+                            names[e] = f"<{projection}.{e}>"
+                            self.stats[names[e]] = self._zeros(ExpertLinear(group.experts, e, projection,
+                                                                            group.layout).in_features)
         self.pooled_up: dict[int, ExpertStats] = {}
         if self.mode == "pooled":
             for key, group in self.modules.items():
@@ -209,7 +220,8 @@ class ExpertStatsCollector:
                     self._fallback(names, routed)
         for stats in {id(s): s for s in self.stats.values()}.values():
             stats.finalize()
-        return dict(self.stats)
+        self.extra = {n: self.extra[n] for n in self.requested}
+        return {n: self.stats[n] for n in self.requested}
 
     def _fallback(self, names: dict[int, str], routed: list[int]) -> None:
         features = self.stats[next(iter(names.values()))].sq_norms.numel()

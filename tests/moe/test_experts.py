@@ -219,6 +219,13 @@ def test_zero_token_expert_gets_the_fallback(fallback):
     mean = torch.stack([o.hessian.double() / o.routed_tokens for o in others]).mean(0)
     if fallback == "mean-hessian":
         torch.testing.assert_close(starved.hessian.double(), mean, rtol=1e-5, atol=1e-7)
+        # the mean covers the module's other experts even when only the starved one is pruned
+        alone = make_moe("gpt_oss")
+        _starve_last_expert(alone)
+        only = _record(alone, min_expert_tokens=1, targets=[rf"re:experts\.{NUM_EXPERTS - 1}\."])
+        assert set(only) == {f"model.layers.{i}.mlp.experts.{NUM_EXPERTS - 1}.{p}" for i in range(2)
+                             for p in ("gate_up_proj", "down_proj")}
+        torch.testing.assert_close(only[up.format(NUM_EXPERTS - 1)].hessian.double(), mean, rtol=1e-5, atol=1e-7)
     elif fallback == "damping":  # a scaled identity: no token, all deficit
         level = float(torch.diagonal(mean).mean())
         torch.testing.assert_close(starved.hessian.double(), level * torch.eye(len(mean), dtype=torch.float64),

@@ -187,14 +187,64 @@ def test_allocation_sees_every_expert_as_a_layer():
     assert zeros == pytest.approx(num_pruned(total, 0.5), abs=0.5)
 
 
-def test_sparsellm_names_its_fallback_on_moe_blocks():
-    model = make_moe("deepseek_v3")  # block 0 dense (SparseLLM's joint FFN solve), block 1 MoE
-    pruner = _prune(model, "sparsellm")
-    moe_block = [r for r in pruner.report.layers if r.name.startswith("model.layers.1.")]
-    assert moe_block and all(r.extra.get("solver") == "sparsegpt" for r in moe_block)
-    assert "sparsegpt" in pruner.report.blocks[1]["solver"]
-    assert all("solver" not in r.extra for r in pruner.report.layers if r.name.startswith("model.layers.0."))
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "qwen2_moe", "llama4_text", "mixtral"])
+def test_sparsellm_solves_every_expert_and_shared_expert_jointly(model_type):
+    model = make_moe(model_type)  # DeepSeek/Llama-4: a dense first block; Qwen2/DeepSeek/Llama-4: shared experts
+    pruner = _prune(model, "sparsellm", min_expert_tokens=1)
+    experts = [r for r in pruner.report.layers if ".experts." in r.name]
+    assert experts and all(r.extra["solver"] == "sparsellm" for r in experts)
+    for r in experts:  # the joint solve keeps its best iterate: never worse than its SparseGPT start
+        assert r.extra["ffn_error"] <= r.extra["ffn_error_sparsegpt"] + 1e-12
+    for name, weight in _expert_slices(model).items():
+        assert int((weight == 0).sum()) == num_pruned(weight.numel(), 0.5), name
     assert pruner.report.mean_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert torch.isfinite(model(make_ids(2)).logits).all()
+
+
+def test_sparsellm_joint_solve_lowers_the_routed_expert_error():
+    model = make_moe("mixtral")
+    pruner = _prune(model, "sparsellm", min_expert_tokens=1, method_kwargs={"iterations": 2})
+    errors = [(r.extra["ffn_error"], r.extra["ffn_error_sparsegpt"]) for r in pruner.report.layers
+              if r.name.endswith("down_proj") and ".experts." in r.name]
+    assert sum(e for e, _ in errors) < sum(s for _, s in errors)
+
+
+def test_sparsellm_names_the_experts_it_prunes_with_sparsegpt():
+    model = make_moe("gpt_oss")  # its clamped gate is not φ(gate)·up; the starved expert has no token
+    _starve_last_expert(model)
+    pruner = _prune(model, "sparsellm", min_expert_tokens=1)
+    solvers = {r.name: r.extra.get("solver", "") for r in pruner.report.layers if ".experts." in r.name}
+    assert all(s.startswith("sparsegpt (the experts' gate") for s in solvers.values())
+    mixtral = make_moe("mixtral")
+    with torch.no_grad():  # Mixtral: a router hook sends nothing to the last expert
+        for block in mixtral.model.layers:
+            block.mlp.gate.register_forward_hook(_never_last)
+    pruner = _prune(mixtral, "sparsellm", min_expert_tokens=1)
+    layers = {r.name: r for r in pruner.report.layers}
+    starved = layers["model.layers.0.mlp.experts.3.down_proj"]
+    assert starved.extra["solver"].startswith("sparsegpt (under-calibrated") and starved.extra["routed_tokens"] == 0
+    assert starved.extra["fallback"] == "mean-hessian"
+    assert layers["model.layers.0.mlp.experts.0.down_proj"].extra["solver"] == "sparsellm"
+    weight = mixtral.model.layers[0].mlp.experts.down_proj[3]
+    assert int((weight == 0).sum()) == weight.numel() // 2
+
+
+def _starve_last_expert(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.bias"):
+                p[-1] = -1e4
+
+
+def _never_last(module, args, output):
+    """Mixtral router hook: the last expert's choices go to expert 0 (its weight kept), so it gets no token."""
+    logits, scores, index = output
+    index = index.clone()
+    first, second = index[:, 0], index[:, 1]
+    last = module.num_experts - 1
+    index[:, 0] = torch.where(first == last, torch.where(second == 0, 1, 0), first)
+    index[:, 1] = torch.where(second == last, torch.where(index[:, 0] == 0, 1, 0), second)
+    return logits, scores, index
 
 
 def test_elsa_refuses_fused_experts_before_any_change():
