@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--layer-sparsity", default=None,
                        help="Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a JSON file "
                             "(N:M structures: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).")
+    prune.add_argument("--expert-statistics", default="routed", choices=["routed", "pooled"],
+                       help="MoE: per-expert statistics from the routed tokens (routing-weighted) or all tokens.")
+    prune.add_argument("--min-expert-tokens", type=int, default=None,
+                       help="MoE: experts with fewer routed tokens get --expert-fallback (default: the input width).")
+    prune.add_argument("--expert-fallback", default="mean-hessian", choices=["mean-hessian", "damping", "magnitude"],
+                       help="MoE: statistics of under-calibrated experts (docs/moe.md).")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save the run's state after every block (resumable).")
@@ -130,7 +136,8 @@ def _cmd_prune(args) -> int:
         device=args.device, ignore=args.ignore, true_sequential=args.true_sequential,
         method_kwargs=json.loads(args.method_kwargs), allocation=args.allocation,
         allocation_kwargs=json.loads(args.allocation_kwargs), layer_sparsity=_json_or_path(args.layer_sparsity),
-        multiple_of=args.multiple_of,
+        multiple_of=args.multiple_of, expert_statistics=args.expert_statistics,
+        min_expert_tokens=args.min_expert_tokens, expert_fallback=args.expert_fallback,
     )
     if args.config:
         base = PruningConfig.from_pretrained(args.config).to_dict()

@@ -111,3 +111,23 @@ def test_two_processes_equal_one(tmp_path):
         assert saved["tokens"] == tokens  # per-expert token counts all-reduced
         for name, expected in single.state_dict().items():
             assert torch.equal(saved["state"][name], expected), f"rank {rank}: {name} differs"
+
+
+def test_cli_prunes_a_moe_model_with_the_expert_settings(tmp_path, tokenizer):
+    from optimum_sparse.cli.main import main
+
+    from ..helpers import SENTENCES
+
+    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "calib.txt").write_text("\n".join(SENTENCES * 20))
+    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "wanda", "--num-samples", "4",
+                 "--seq-len", "16", "--dataset", str(tmp_path / "calib.txt"), "--expert-statistics", "pooled",
+                 "--min-expert-tokens", "4", "--expert-fallback", "damping", "--output", str(tmp_path / "out")])
+    assert code == 0
+    saved = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    assert (saved["expert_statistics"], saved["min_expert_tokens"], saved["expert_fallback"]) == ("pooled", 4, "damping")
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["inventory"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    experts = [r for r in report["layers"] if ".experts." in r["name"]]
+    assert len(experts) == 16 and all(r["expert_statistics"] == "pooled" for r in experts)
