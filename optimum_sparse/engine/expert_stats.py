@@ -10,8 +10,9 @@ the router-scaled inputs); each expert's statistics come from the tokens routed 
 - `"pooled"`: every token of the block, unweighted, for every expert (one shared `XᵀX` for the up projections; each
   expert's own activations of all tokens for its down projection), as if each expert were a dense FFN.
 
-Experts that received fewer than `min_expert_tokens` routed tokens (default: the input width, below which `XᵀX` is
-rank deficient) get `expert_fallback`, with `r = 1 − n/min_expert_tokens` the token deficit and `H̄` the mean
+Experts that received fewer than `min_expert_tokens` routed tokens (default: the expert's input width `d`, below which
+its `XᵀX` is rank deficient; one threshold for both projections) get `expert_fallback`, with
+`r = 1 − n/min_expert_tokens` the token deficit and `H̄` the mean
 per-token `XᵀX` of the module's well-calibrated experts:
 
 - `"mean-hessian"`: `H = (1−r)·H_e/n + r·H̄` (an expert with no token takes `H̄`);
@@ -217,15 +218,15 @@ class ExpertStatsCollector:
                     self.stats[name].routed_tokens = routed[e]
                     self.extra[name] = {"routed_tokens": routed[e], "expert_statistics": self.mode}
                 if self.mode == "routed" and names:
-                    self._fallback(names, routed)
+                    self._fallback(names, routed, group.d)
         for stats in {id(s): s for s in self.stats.values()}.values():
             stats.finalize()
         self.extra = {n: self.extra[n] for n in self.requested}
         return {n: self.stats[n] for n in self.requested}
 
-    def _fallback(self, names: dict[int, str], routed: list[int]) -> None:
+    def _fallback(self, names: dict[int, str], routed: list[int], width: int) -> None:
         features = self.stats[next(iter(names.values()))].sq_norms.numel()
-        minimum = self.min_tokens if self.min_tokens is not None else features
+        minimum = self.min_tokens if self.min_tokens is not None else width  # the expert's input width, both projections
         under = [e for e in names if routed[e] < minimum]
         if not under:
             return
@@ -234,11 +235,13 @@ class ExpertStatsCollector:
         def mean(attr: str) -> Optional[torch.Tensor]:
             if getattr(self.stats[names[under[0]]], attr) is None:
                 return None
-            tensors = [getattr(self.stats[names[e]], attr) / routed[e] for e in calibrated]
-            if not tensors:  # no expert of this module saw a token: identity statistics
+            if not calibrated:  # no expert of this module saw a token: identity statistics
                 eye = torch.eye(features, dtype=torch.float64, device=self.device)
                 return eye if attr == "hessian" else torch.ones(features, dtype=torch.float64, device=self.device)
-            return torch.stack(tensors).mean(0)
+            total = torch.zeros_like(getattr(self.stats[names[calibrated[0]]], attr))
+            for e in calibrated:  # a running sum: one extra matrix, whatever the number of experts
+                total.add_(getattr(self.stats[names[e]], attr), alpha=1.0 / routed[e])
+            return total / len(calibrated)
 
         mean_h, mean_n = mean("hessian"), mean("sq_norms")
         level = float(mean_n.mean())  # mean diagonal of H̄

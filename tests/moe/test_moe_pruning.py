@@ -253,3 +253,29 @@ def test_elsa_refuses_fused_experts_before_any_change():
     with pytest.raises(ValueError, match="fused expert"):
         _prune(model, "elsa")
     assert_state_unchanged(model, before)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_alps_prunes_every_expert_exactly(model_type, structure):
+    model = make_moe(model_type)
+    _prune(model, "alps", structure=structure)
+    for name, weight in _expert_slices(model).items():
+        if structure == "2:4":
+            assert torch.all((weight == 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2), name
+        else:
+            assert int((weight == 0).sum()) == num_pruned(weight.numel(), 0.5), name
+    assert torch.isfinite(model(make_ids(2)).logits).all()
+
+
+def test_search_allocation_over_expert_matrices():
+    model = make_moe("mixtral")
+    small = {"generations": 2, "offspring": 2, "survivors": 1, "rounds": 1, "levels": 1, "kl_topk": 16}
+    pruner = _prune(model, "wanda", sparsity=0.6, allocation="search", allocation_kwargs=small)
+    allocated = pruner.allocation.to_dict()
+    names = [r.name for r in pruner.report.layers]
+    assert any(".experts." in n for n in names)
+    total = sum(torch.Size(r.shape).numel() for r in pruner.report.layers)
+    zeros = sum(round(torch.Size(r.shape).numel() * r.extra["measured_sparsity"]) for r in pruner.report.layers)
+    assert zeros == num_pruned(total, 0.6)  # the allocation's budget, exact over attention and experts together
+    assert any(".experts." in name for name in json.dumps(allocated).split('"'))
