@@ -85,21 +85,23 @@ class TokenWindows(torch.utils.data.Dataset):
 
 
 def elsa_targets(model: nn.Module, config, sparsity_for: Optional[Callable[[str], float]] = None) -> list[dict]:
-    """The pruned weights: `[{"name": module name, "module", "sparsity", "transposed"}]` in model order.
+    """The pruned weights: `[{"name": module name, "module", "sparsity", "transposed", "param"}]` in model order.
+
+    A fused experts parameter is one entry (`name` = `param` = `<experts>.<projection>`) with `"slices"`: each
+    expert's sparsity (0 for experts not targeted), storage orientation and layer name.
 
     Raises:
         ValueError: a target weight cannot be trained (no gradient, or not floating point).
     """
     spec, _, targets = check_targets(model, config)
     sparsity_for = sparsity_for or (lambda name: config.sparsity)
-    out = []
+    out, fused = [], {}
     for i, linears in enumerate(targets):
         for name, module in linears.items():
             full = f"{spec.blocks}.{i}.{name}"
             if isinstance(module, ExpertLinear):
-                raise ValueError(f"ELSA does not train fused expert weights yet ({full}); prune MoE models with "
-                                 "another method, or add ignore=['re:\\.experts\\.'] (the experts are then listed as "
-                                 "skipped in the report).")
+                _add_expert_slice(out, fused, full, module, float(sparsity_for(full)))
+                continue
             weight = module.weight
             if not weight.is_floating_point():
                 raise ValueError(f"ELSA trains the weights it prunes, but {full}.weight is {weight.dtype} (quantized?): "
@@ -108,8 +110,27 @@ def elsa_targets(model: nn.Module, config, sparsity_for: Optional[Callable[[str]
                 raise ValueError(f"ELSA trains the weights it prunes, but {full}.weight has requires_grad=False: call "
                                  "model.requires_grad_(True) (or unfreeze the target linears) first.")
             out.append({"name": full, "module": module, "sparsity": float(sparsity_for(full)),
-                        "transposed": type(module).__name__ == "Conv1D"})
+                        "transposed": type(module).__name__ == "Conv1D", "param": f"{full}.weight"})
+    for target in fused.values():  # the fused parameter's sparsity: its slices' size-weighted mean
+        target["sparsity"] = sum(target["slices"]["sparsities"]) / len(target["slices"]["sparsities"])
     return out
+
+
+def _add_expert_slice(out: list, fused: dict, full: str, handle: ExpertLinear, sparsity: float) -> None:
+    """ELSA trains a fused experts parameter as one weight whose expert slices are projected one by one."""
+    param = handle.parameter
+    name = f"{full.rsplit('.', 2)[0]}.{handle.projection}"  # <experts>.<projection>
+    if name not in fused:
+        if not param.is_floating_point() or not param.requires_grad:
+            raise ValueError(f"ELSA trains the weights it prunes, but {name} is {param.dtype} with requires_grad="
+                             f"{param.requires_grad}: load the model in float32/bfloat16 and unfreeze it.")
+        count = param.shape[0]
+        fused[name] = {"name": name, "module": handle.experts, "sparsity": 0.0, "transposed": False, "param": name,
+                       "slices": {"sparsities": [0.0] * count, "transposed": handle.layout.transposed,
+                                  "names": [None] * count}}
+        out.append(fused[name])
+    fused[name]["slices"]["sparsities"][handle.index] = sparsity
+    fused[name]["slices"]["names"][handle.index] = full
 
 
 class ELSAProgressCallback(TrainerCallback):
@@ -174,6 +195,8 @@ class ELSATrainer(Trainer):
             penalty_init=opts["penalty_init"], penalty_schedule=opts["penalty_schedule"],
             total_steps=max(self.args.max_steps, 1), interval=opts["interval"], alpha=opts["alpha"],
             low_memory=opts["low_memory"], transposed=[t["name"] for t in self.elsa_targets if t["transposed"]],
+            slices={t["name"]: {k: t["slices"][k] for k in ("sparsities", "transposed")}
+                    for t in self.elsa_targets if "slices" in t},
         )
 
     def create_optimizer(self, model=None):
@@ -184,9 +207,9 @@ class ELSATrainer(Trainer):
             by_name = {_canonical(n): p for n, p in opt_model.named_parameters()}
             targets = []
             for t in self.elsa_targets:
-                p = by_name.get(f"{t['name']}.weight")
+                p = by_name.get(t["param"])
                 if p is None:
-                    raise ValueError(f"ELSA: no parameter {t['name']}.weight in the model being trained.")
+                    raise ValueError(f"ELSA: no parameter {t['param']} in the model being trained.")
                 targets.append(p)
             chosen = {id(p) for p in targets}
             decay = set(self.get_decay_parameter_names(opt_model))
@@ -353,6 +376,13 @@ def run_elsa(model: nn.Module, input_ids: torch.Tensor, config, sparsity_for: Op
     report = PruningReport(method=config.method)
     for target in trainer.elsa_targets:
         mask = masks[target["name"]]
+        if "slices" in target:  # fused experts: one layer per targeted expert slice, `[out, in]`
+            slices = target["slices"]
+            for e, name in enumerate(slices["names"]):
+                if name is not None:
+                    m = mask[e].t() if slices["transposed"] else mask[e]
+                    report.layers.append(LayerReport(name=name, shape=tuple(m.shape), sparsity=float(m.float().mean())))
+            continue
         weight = target["module"].weight
         shape = tuple(weight.shape[::-1]) if target["transposed"] else tuple(weight.shape)
         report.layers.append(LayerReport(name=target["name"], shape=shape, sparsity=float(mask.float().mean())))

@@ -49,6 +49,9 @@ class ADMMSettings:
         alpha: dual step (over-relaxation).
         low_memory: ELSA-L: `z` in float8 (e4m3, one float32 scale per tensor), `u` in bfloat16.
         transposed: names whose weight is stored `[in, out]` (GPT-2's `Conv1D`): N:M groups run along dim 0.
+        slices: fused mixture-of-experts parameters `[E, ...]`, `{name: {"sparsities": [per expert], "transposed":
+            bool}}`: each expert's slice is projected on its own (its own count or N:M pattern, `[out, in]` or, when
+            `transposed`, `[in, out]` storage); the name's entry in `sparsities` is the size-weighted mean.
     """
 
     names: list
@@ -64,12 +67,14 @@ class ADMMSettings:
     alpha: float = 1.0
     low_memory: bool = False
     transposed: list = field(default_factory=list)
+    slices: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("names")
         out.pop("sparsities")
         out.pop("transposed")
+        out.pop("slices")
         return out
 
 
@@ -216,9 +221,21 @@ class ADMMMixin:
 
     def _mask(self, index: int, score: torch.Tensor) -> torch.Tensor:
         """The per-weight projection mask of weight `index` (layer budget or N:M)."""
+        slices = self.admm.slices.get(self.admm.names[index])
+        if slices is not None:  # fused experts: one projection per expert's slice
+            return torch.stack([self._slice_mask(s, sparsity, slices["transposed"])
+                                for s, sparsity in zip(score, slices["sparsities"])])
         if self.admm.nm is not None:  # the weight's own N_i:M (layer-wise N:M allocation: N_i = sparsity_i · M)
             return self._nm_mask(score, self.admm.names[index], layer_nm(self.admm.nm, self.admm.sparsities[index]))
         return layer_mask(score, 0.0, count=num_pruned(score.numel(), self.admm.sparsities[index]))
+
+    def _slice_mask(self, score: torch.Tensor, sparsity: float, transposed: bool) -> torch.Tensor:
+        score = score.t() if transposed else score  # [out, in]: N:M groups along the inputs
+        if self.admm.nm is not None:
+            mask = nm_mask(score, *layer_nm(self.admm.nm, sparsity))
+        else:
+            mask = layer_mask(score, 0.0, count=num_pruned(score.numel(), sparsity))
+        return mask.t() if transposed else mask
 
     def _project_all(self, values) -> list:
         """Masks for `values` (an iterable of `(param, full value)`); one weight at a time unless the budget is global

@@ -247,12 +247,28 @@ def _never_last(module, args, output):
     return logits, scores, index
 
 
-def test_elsa_refuses_fused_experts_before_any_change():
-    model = make_moe("mixtral")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="fused expert"):
-        _prune(model, "elsa")
-    assert_state_unchanged(model, before)
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_elsa_trains_through_the_experts(model_type, structure):
+    from ..methods.test_elsa import FAST
+
+    model = make_moe(model_type)
+    before = _expert_slices(model)
+    before = {n: w.clone() for n, w in before.items()}
+    overrides = {"layer_sparsity": {"model.layers.1.mlp.experts.2.down_proj": 0.75}} if structure == "2:4" else {}
+    pruner = _prune(model, "elsa", structure=structure, method_kwargs=FAST, **overrides)
+    after = _expert_slices(model)
+    layers = {r.name: r for r in pruner.report.layers}
+    for name, weight in after.items():
+        kept = weight != 0
+        assert not torch.equal(weight[kept], before[name][kept]), f"{name}: not trained"
+        zeros = (weight == 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        if structure == "2:4":
+            assert torch.all(zeros == (3 if name.endswith("1.mlp.experts.2.down_proj") else 2)), name
+        else:
+            assert int((weight == 0).sum()) == num_pruned(weight.numel(), 0.5), name
+        assert layers[name].extra["measured_sparsity"] == pytest.approx(layers[name].sparsity)
+    assert torch.isfinite(model(make_ids(2)).logits).all()
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
