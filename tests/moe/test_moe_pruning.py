@@ -295,3 +295,13 @@ def test_search_allocation_over_expert_matrices():
     zeros = sum(round(torch.Size(r.shape).numel() * r.extra["measured_sparsity"]) for r in pruner.report.layers)
     assert zeros == num_pruned(total, 0.6)  # the allocation's budget, exact over attention and experts together
     assert any(".experts." in name for name in json.dumps(allocated).split('"'))
+
+
+def test_bfloat16_experts_keep_their_dtype_and_exact_sparsity():
+    model = make_moe("qwen3_moe").to(torch.bfloat16)
+    pruner = _prune(model, "sparsegpt")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for name, weight in _expert_slices(model).items():
+        assert int((weight == 0).sum()) == num_pruned(weight.numel(), 0.5), name
+    assert pruner.report.mean_sparsity == pytest.approx(0.5)
+    assert torch.isfinite(model(make_ids(2)).logits.float()).all()
