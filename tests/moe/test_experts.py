@@ -276,3 +276,71 @@ def test_expert_handles_are_linears_for_the_engine():
     handle = expert_handles(block)["mlp.experts.2.down_proj"]
     assert isinstance(handle, ExpertLinear) and is_linear(handle) and in_features(handle) == 16
     assert torch.equal(read_weight(handle, torch.device("cpu")), block.mlp.experts.down_proj[2].float())
+
+
+class _FusedExperts(torch.nn.Module):
+    """A fused experts module of an unknown model: no transformers flags, `[E, 2f, d]` / `[E, d, f]` weights."""
+
+    def __init__(self, num_experts=4, d=32, f=16):
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(num_experts, 2 * f, d) * 0.2)
+        self.down_proj = torch.nn.Parameter(torch.randn(num_experts, d, f) * 0.2)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, hidden, index, weights):
+        out = torch.zeros_like(hidden)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            gate, up = (hidden[token] @ self.gate_up_proj[e].t()).chunk(2, dim=-1)
+            y = (self.act_fn(gate) * up) @ self.down_proj[e].t()
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+class _CustomMoE(torch.nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, 4, bias=False)
+        self.experts = _FusedExperts(d=d)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, index = torch.softmax(self.gate(x), -1).topk(2, dim=-1)
+        return self.experts(x, index, weights).reshape(shape)
+
+
+def test_generic_rule_for_fused_experts_of_an_unknown_model():
+    from ..helpers import make_model
+
+    torch.manual_seed(0)
+    model = make_model("llama")
+    for block in model.model.layers:
+        block.mlp = _CustomMoE()
+    ((name, (module, layout)),) = find_experts_modules(model.model.layers[0]).items()
+    assert (name, layout.name, layout.transposed) == ("mlp.experts", "generic", False)
+    pruner = SparsePruner(PruningConfig(method="sparsegpt", sparsity=0.5, num_samples=8, seq_len=16, batch_size=2))
+    pruner.apply(model, dataset=make_ids(), progress=False)
+    for block in model.model.layers:
+        for param in (block.mlp.experts.gate_up_proj, block.mlp.experts.down_proj):
+            for e in range(NUM_EXPERTS):
+                assert int((param[e] == 0).sum()) == param[e].numel() // 2
+        assert int((block.mlp.gate.weight == 0).sum()) == 0  # the router beside the experts is skipped
+    skipped = {e["name"]: e["reason"] for e in pruner.report.inventory["skipped"]}
+    assert skipped["model.layers.0.mlp.gate.weight"] == "router"
+    assert all(r.extra["routed_tokens"] > 0 for r in pruner.report.layers if ".experts." in r.name)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
+def test_statistics_do_not_depend_on_the_experts_implementation(implementation):
+    reference = _record(make_moe("qwen3_moe"), min_expert_tokens=1)
+    model = make_moe("qwen3_moe")
+    for module in model.modules():
+        if hasattr(module, "is_transposed"):
+            module.config._experts_implementation = implementation
+    seen = _record(model, min_expert_tokens=1)
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == implementation
+    for name, stats in reference.items():
+        if ".experts." in name:
+            assert seen[name].routed_tokens == stats.routed_tokens
+            torch.testing.assert_close(seen[name].hessian, stats.hessian, rtol=1e-4, atol=1e-5)
