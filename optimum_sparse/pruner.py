@@ -13,7 +13,7 @@ from .config import PruningConfig
 from .data.calibration import get_calibration_ids
 from .engine.checkpoint import RunCheckpoint, run_fingerprint
 from .engine.distributed import shard_rows, world
-from .engine.sequential import PruningReport, check_targets
+from .engine.sequential import PruningReport
 from .methods import get_method_class
 from .methods.base import PruningMethod
 from .serialization import RECORD_NAME as REPORT_NAME

@@ -19,7 +19,7 @@ from ..methods.base import LinearStats
 from .architectures import ArchitectureSpec
 from .capture import BlockInputs, StopForward
 from .devices import move_to
-from .experts import ExpertLinear
+from .experts import ExpertLinear, table_name
 from .expert_stats import ExpertStatsCollector
 from .linears import read_weight, write_weight
 
@@ -48,14 +48,6 @@ class LayerReport:
             out["relative_error"] = self.relative_error
         out.update(self.extra)
         return out
-
-
-def _group_key(name: str, module) -> str:
-    """An expert projection's key in the architecture table's groups: `mlp.experts.7.down_proj` -> `mlp.experts.*.down_proj`."""
-    if isinstance(module, ExpertLinear):
-        head, index, projection = name.rsplit(".", 2)
-        return f"{head}.*.{projection}"
-    return name
 
 
 def _first(output):
@@ -226,7 +218,7 @@ class BlockJob:
         if not self.config.true_sequential:
             return [list(self.linears)]
         grouped, seen = [], set()
-        keys = {n: _group_key(n, m) for n, m in self.linears.items()}
+        keys = {n: table_name(n, m) for n, m in self.linears.items()}
         for group in self.spec.groups:
             names = [n for g in group for n in self.linears if keys[n] == g]
             seen.update(names)

@@ -28,7 +28,7 @@ from .offload import update_offloaded_tensor
 
 __all__ = [
     "ExpertsLayout", "EXPERTS_LAYOUTS", "ExpertLinear", "experts_layout", "find_experts_modules", "expert_handles",
-    "expert_intermediate", "expert_output", "routed_tokens", "is_router", "ROUTER_NAMES",
+    "expert_intermediate", "expert_output", "routed_tokens", "is_router", "table_name", "ROUTER_NAMES",
 ]
 
 # last name component of a routing linear that sits beside an experts module
@@ -166,6 +166,15 @@ class ExpertLinear:
 
     def __repr__(self) -> str:
         return f"ExpertLinear({type(self.experts).__name__}[{self.index}].{self.projection}, {tuple(self.weight.shape)})"
+
+
+def table_name(name: str, module) -> str:
+    """A target's name in the architecture table's groups: an expert projection `mlp.experts.7.down_proj` is
+    `mlp.experts.*.down_proj`; a linear keeps its name."""
+    if isinstance(module, ExpertLinear):
+        head, _, projection = name.rsplit(".", 2)
+        return f"{head}.*.{projection}"
+    return name
 
 
 def expert_handles(block: nn.Module) -> dict[str, ExpertLinear]:

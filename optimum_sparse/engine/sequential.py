@@ -13,10 +13,10 @@ from tqdm.auto import tqdm
 
 from ..utils import matches_any
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
-from .block import BlockJob, LayerReport, _group_key
+from .block import BlockJob, LayerReport
 from .capture import BlockInputs, block_kinds, capture_block_inputs
 from .devices import onload_block, solve_device
-from .experts import ExpertLinear, expert_handles, is_router
+from .experts import ExpertLinear, expert_handles, is_router, table_name
 from .linears import in_features, is_linear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +78,7 @@ def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", 
         if is_target(block, prefix, name, handle, config):
             found[name] = handle
     order = {name: i for i, name in enumerate(spec.linear_names)}
-    return dict(sorted(found.items(), key=lambda item: order.get(_group_key(*item), len(order))))
+    return dict(sorted(found.items(), key=lambda item: order.get(table_name(*item), len(order))))
 
 
 def is_target(block: nn.Module, prefix: str, name: str, module, config: "PruningConfig") -> bool:
