@@ -247,7 +247,9 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
     inventory = record.inventory or {}
     skipped = inventory.get("skipped") or []
     skipped_text = ", ".join(f"{n} {r}" for r, n in sorted((inventory.get("skipped_reasons") or {}).items())) or "none"
-    if skipped:
+    if skipped:  # the weight matrices first: routers, ignored, untargeted; then vectors, biases, norms
+        order = ("router", "ignore", "not in targets", "convolution", "embedding", "vector", "bias", "norm")
+        skipped = sorted(skipped, key=lambda e: order.index(e["reason"]) if e["reason"] in order else len(order))
         names = ", ".join(f"`{e['name']}` ({e['reason']})" for e in skipped[:6])
         skipped_text += f": {names}{', ...' if len(skipped) > 6 else ''} (all listed in `pruning_report.json`)"
     card = ModelCard.from_template(
