@@ -63,8 +63,10 @@ def joint_solvable(experts: torch.nn.Module, layout) -> bool:
 
 
 def _capture(job: "BlockJob", experts: torch.nn.Module, layout, pooled: bool, parent: torch.nn.Module):
-    """Per expert: the input rows `[n, d]` and weights `[n, 1]` over every calibration batch (this rank's share)."""
+    """Per expert: the input rows `[n, d]`, their weights `[n, 1]` (over every calibration batch, this rank's share)
+    and the number of tokens routed to it."""
     count = getattr(experts, layout.up_name).shape[0]
+    routed = [0] * count
     rows = [[] for _ in range(count)]
     weights = [[] for _ in range(count)]
     moe_input = []
@@ -76,6 +78,7 @@ def _capture(job: "BlockJob", experts: torch.nn.Module, layout, pooled: bool, pa
     def on_experts(module, args, kwargs):
         hidden, per_expert = routed_tokens(layout, count, args, kwargs)
         for e, (token, weight) in enumerate(per_expert):
+            routed[e] += int(token.numel())
             if pooled:
                 x = moe_input[-1]
                 rows[e].append(x)
@@ -100,7 +103,7 @@ def _capture(job: "BlockJob", experts: torch.nn.Module, layout, pooled: bool, pa
     d = getattr(experts, layout.up_name).shape[2 if not layout.transposed else 1]
     empty = torch.zeros(0, d, device=job.device)
     return ([torch.cat(r) if r else empty for r in rows],
-            [torch.cat(w) if w else empty[:, :1] for w in weights])
+            [torch.cat(w) if w else empty[:, :1] for w in weights], routed)
 
 
 def prune_experts(method: "SparseLLMPruning", job: "BlockJob", names: list[str]) -> None:
@@ -124,8 +127,8 @@ def prune_experts(method: "SparseLLMPruning", job: "BlockJob", names: list[str])
         parent_name = module_name.rpartition(".")[0]
         parent = job.block.get_submodule(parent_name) if parent_name else job.block
         pooled = cfg.expert_statistics == "pooled"
-        rows, weights = _capture(job, experts, layout, pooled, parent)
-        counts = [int(all_reduce_scalar(len(r))) for r in rows]
+        rows, weights, routed = _capture(job, experts, layout, pooled, parent)
+        counts = [int(all_reduce_scalar(n)) for n in routed]
         minimum = cfg.min_expert_tokens if cfg.min_expert_tokens is not None else rows[0].shape[1]
         by_expert: dict[int, dict[str, str]] = {}
         for name in group:
