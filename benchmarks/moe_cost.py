@@ -2,8 +2,8 @@
 
     python benchmarks/moe_cost.py --threads 1      # -> benchmarks/results/moe_cost_<tag>.json
 
-A random Qwen3-MoE-shaped model (no MoE checkpoint can be fetched here; the upcycled SmolLM2 benchmark is
-`benchmarks/moe_*` of the MoE benchmark work) is pruned with each method, per-expert ("routed") and pooled statistics.
+A random Qwen3-MoE-shaped model (no MoE checkpoint can be fetched here; the perplexity benchmark on an upcycled
+SmolLM2 is separate work) is pruned with each method, per-expert ("routed") and pooled statistics.
 Every figure is measured: wall and CPU time, peak resident memory (VmHWM), the sparsity counted on the weights over
 every target matrix and per expert (min/max), the share of the model's parameters pruned, the spread of routed tokens
 per expert, and the relative error of the final hidden states against the dense model on held-out random tokens (a

@@ -344,3 +344,18 @@ def test_statistics_do_not_depend_on_the_experts_implementation(implementation):
         if ".experts." in name:
             assert seen[name].routed_tokens == stats.routed_tokens
             torch.testing.assert_close(seen[name].hessian, stats.hessian, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_moe_table_entry_orders_every_target(model_type):
+    from optimum_sparse.engine.architectures import MOE_ARCHITECTURES
+    from optimum_sparse.engine.experts import table_name
+    from optimum_sparse.engine.sequential import check_targets
+
+    model = make_moe(model_type)
+    spec, blocks, targets = check_targets(model, PruningConfig())
+    assert spec is MOE_ARCHITECTURES[model_type]
+    listed = set(spec.linear_names)
+    for linears in targets:  # every target of every block has its place in the groups (true_sequential order)
+        missing = [n for n, m in linears.items() if table_name(n, m) not in listed]
+        assert not missing, f"{model_type}: {missing} not in the table's groups"
