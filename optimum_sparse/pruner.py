@@ -14,6 +14,7 @@ from .data.calibration import get_calibration_ids
 from .engine.checkpoint import RunCheckpoint, run_fingerprint
 from .engine.distributed import shard_rows, world
 from .engine.sequential import PruningReport, check_targets
+from .engine.validation import linear_targets, validate_run
 from .methods import get_method_class
 from .methods.base import PruningMethod
 from .serialization import RECORD_NAME as REPORT_NAME
@@ -35,6 +36,17 @@ def _check_nm_sparsity_for(model: nn.Module, config: PruningConfig, sparsity_for
             layer_nm(config.nm, sparsity_for(module.name))
         except ValueError as err:
             raise ValueError(f"sparsity_for({module.name!r}) with structure={config.structure!r}: {err}") from None
+
+
+def _validate(model: nn.Module, config: PruningConfig) -> None:
+    """Structured runs: the pre-run checks over every linear of the decoder blocks."""
+    from .engine.architectures import find_blocks, get_architecture
+    from .engine.linears import is_linear
+
+    spec = get_architecture(model)
+    blocks = find_blocks(model, spec)
+    linears = [{name: m for name, m in block.named_modules() if name and is_linear(m)} for block in blocks]
+    validate_run(model, config, blocks, spec.blocks, linear_targets(model, spec.blocks, linears))
 
 
 class SparsePruner:
@@ -120,6 +132,7 @@ class SparsePruner:
                                  "PruningConfig.method_kwargs['allocation'] or PruningConfig.allocation='search'.")
             if checkpoint_dir is not None:
                 raise ValueError("checkpoint_dir/resume are not supported by structured methods yet.")
+            _validate(model, self.config)
             plan = plan_structured(model, self.config)  # every check before any change
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             self.report, self.structured_summary = run_structured(model, self.method, self.config, input_ids,
@@ -129,7 +142,8 @@ class SparsePruner:
 
                 self.allocation = Allocation.from_dict(self.report.allocation)
         else:
-            check_targets(model, self.config)
+            spec, blocks, targets = check_targets(model, self.config)
+            validate_run(model, self.config, blocks, spec.blocks, linear_targets(model, spec.blocks, targets))
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             rank, world_size = world()
             local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows

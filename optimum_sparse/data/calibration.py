@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import CalibrationError
 from .wiki import wiki_offline_texts
 
 __all__ = ["CalibrationError", "load_texts", "tokenize_texts", "get_calibration_ids", "sample_windows"]
@@ -30,10 +31,6 @@ _HUB_DATASETS = {
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
 }
-
-
-class CalibrationError(ValueError):
-    """Raised for an empty, malformed or too-short calibration set."""
 
 
 def _read_local(path: str) -> list[str]:

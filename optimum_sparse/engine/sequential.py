@@ -133,7 +133,11 @@ def run_sequential(
         start = checkpoint.next_block if checkpoint is not None else 0
         if start:
             logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
-            for index in range(min(start, len(blocks))):
+            finished = range(min(start, len(blocks)))
+            for index in finished:  # every finished block's dense weights are checked before any is replaced
+                with onload_block(blocks[index], solve_device(blocks[index], config.device)):
+                    checkpoint.check_dense(index, targets[index])
+            for index in finished:
                 with onload_block(blocks[index], solve_device(blocks[index], config.device)):
                     checkpoint.restore_block(index, targets[index])
             checkpoint.restore_report(report)
@@ -151,6 +155,8 @@ def run_sequential(
                     block, index, f"{spec.blocks}.{index}", spec, targets[index],
                     inputs.for_kind(kinds[index]) if inputs is not None else BlockInputs(), device, config, sparsity_for,
                 )
+                if checkpoint is not None:
+                    checkpoint.note_dense(index, targets[index])
                 if targets[index]:
                     method.prune_block(job)
                 if inputs is not None:
