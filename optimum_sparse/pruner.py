@@ -192,10 +192,13 @@ class SparsePruner:
         self._record_for().set_perplexity(before, after, dataset, seq_len, windows)
 
     def save_pretrained(self, model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None,
-                        model_card: bool = True, **kwargs) -> str:
+                        model_card: bool = True, overwrite: bool = False, **kwargs) -> str:
         """Saves the pruned model atomically: safetensors and `config.json` (`model.save_pretrained`), the tokenizer,
         `pruning_config.json`, `sparsity_config.json`, `pruning_report.json` and the model card (`README.md` and
         `sparsity_plot.png`). Extra keyword arguments go to `model.save_pretrained`. Returns the folder.
+
+        A folder that already holds a model is refused (`OutputPathError`) unless `overwrite=True`; so are a file, the
+        current directory and an unwritable parent.
 
         The tokenizer defaults to the one passed to `apply`. See `optimum_sparse.serialization.save_pruned_model`.
         """
@@ -203,7 +206,7 @@ class SparsePruner:
 
         tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
         return save_pruned_model(model, save_directory, self._record_for(model), tokenizer=tokenizer,
-                                 model_card=model_card, **kwargs)
+                                 model_card=model_card, overwrite=overwrite, **kwargs)
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, private: Optional[bool] = None,
                     revision: Optional[str] = None, token: Optional[str] = None, commit_message: Optional[str] = None,
