@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -96,8 +97,10 @@ class SparsePruner:
               checkpoint_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> nn.Module:
         """Prunes `model` in place and returns it.
 
-        Every check (model layout, targets, N:M shapes, calibration data, tokenizer) runs before any weight
-        changes. The run's per-layer report is kept in `self.report`.
+        Every check (model kind and layout, targets, N:M shapes, device, quantized/meta/non-finite weights,
+        calibration data, tokenizer) runs before any weight changes (`optimum_sparse.errors`). The run's per-layer
+        report is kept in `self.report`; `report.seconds` is the wall time of this call (checks, calibration,
+        allocation and pruning), the figure logged and written to the record and the card.
 
         Args:
             model: an `AutoModelForCausalLM` (any device placement, accelerate device maps included).
@@ -124,6 +127,7 @@ class SparsePruner:
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
         self.allocation = None
+        started = time.perf_counter()  # one clock for the log line, the report, the record and the card
         if self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
@@ -163,6 +167,9 @@ class SparsePruner:
                                                   progress and rank == 0, tokenizer=tokenizer, checkpoint=checkpoint)
             if self.allocation is not None:
                 self.report.allocation = self.allocation.to_dict()
+        self.report.seconds = time.perf_counter() - started
+        logger.info("Pruned %d layers in %.1f s (mean sparsity %.4f).", len(self.report.layers), self.report.seconds,
+                    self.report.mean_sparsity)
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..utils import matches_any
+from ..utils import matches_any, show_progress
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
 from .block import BlockJob, LayerReport
 from .capture import BlockInputs, block_kinds, capture_block_inputs
@@ -144,7 +144,7 @@ def run_sequential(
             if inputs is not None:
                 inputs = inputs.with_hidden(checkpoint.restore_hidden())
         bar = tqdm(total=len(blocks), initial=start, desc=f"Pruning ({config.method})", unit="block",
-                   disable=not progress)
+                   disable=not show_progress(progress))
         for index, block in enumerate(blocks):
             if index < start:
                 continue
@@ -171,5 +171,5 @@ def run_sequential(
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - started
-    logger.info("Pruned %d layers in %.1fs (mean sparsity %.4f).", len(report.layers), report.seconds, report.mean_sparsity)
+    logger.debug("Block loop: %d layers in %.1fs.", len(report.layers), report.seconds)  # apply() logs the run's total
     return report

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import load_texts, tokenize_texts
 from ..engine.devices import execution_device
+from ..utils import show_progress
 
 __all__ = ["evaluate_perplexity", "perplexity_from_ids", "check_context", "model_context"]
 
@@ -67,7 +68,7 @@ def perplexity_from_ids(model: torch.nn.Module, stream: torch.Tensor, seq_len: i
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, num_windows, batch_size), desc="Perplexity", unit="batch", disable=not progress):
+        for start in tqdm(range(0, num_windows, batch_size), desc="Perplexity", unit="batch", disable=not show_progress(progress)):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             labels = batch[:, 1:].to(logits.device)
