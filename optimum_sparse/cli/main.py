@@ -172,6 +172,8 @@ def _cmd_prune(args) -> int:
         base = PruningConfig.from_pretrained(args.config).to_dict()
         defaults = vars(build_parser().parse_args(["prune", "--model", "x"]))
         base.update({k: v for k, v in overrides.items() if getattr(args, k) != defaults.get(k)})
+        if args.structure != defaults["structure"] and args.sparsity == defaults["sparsity"]:
+            base.pop("sparsity", None)  # a new structure: the file's sparsity (its N/M) is not a choice of the user
         config = PruningConfig.from_dict(base)
     else:
         config = PruningConfig(**overrides)
