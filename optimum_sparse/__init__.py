@@ -3,8 +3,11 @@
 import logging as _logging
 
 from .config import PruningConfig
-from .engine import CheckpointMismatchError, PruningReport, UnsupportedModelError
-from .data import CalibrationError
+from .engine import PruningReport
+from .errors import (
+    CalibrationError, CheckpointMismatchError, DeviceUnavailableError, MetaTensorError, NonFiniteActivationError,
+    NonFiniteWeightError, OptimumSparseError, OutputPathError, QuantizedWeightError, UnsupportedModelError,
+)
 from .eval import evaluate_perplexity
 from .methods import available_methods, register_method
 from .models import load_model_and_tokenizer
@@ -25,6 +28,8 @@ def __getattr__(name):
 
 __all__ = [
     "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
+    "OptimumSparseError", "NonFiniteWeightError", "NonFiniteActivationError", "QuantizedWeightError", "MetaTensorError",
+    "DeviceUnavailableError", "OutputPathError",
     "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
     "merge_and_unload_sparse", "mask_lora_updates",
 ]

@@ -22,6 +22,9 @@ _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 STRUCTURED = ("channels", "heads", "channels+heads")
 
 
+_DEFAULT_SPARSITY = 0.5
+
+
 def parse_structure(structure: str) -> Optional[tuple[int, int]]:
     """Returns `(n, m)` for an N:M structure string such as `"2:4"`, or `None` for `"unstructured"` and the
     structured kinds (`"channels"`, `"heads"`, `"channels+heads"`).
@@ -60,8 +63,8 @@ class PruningConfig:
         method (`str`, defaults to `"sparsegpt"`):
             Pruning method, one of `optimum_sparse.available_methods()` (`"magnitude"`, `"wanda"`, `"sparsegpt"`, ...).
         sparsity (`float`, defaults to `0.5`):
-            Fraction of weights set to zero in every pruned linear layer, in `[0, 1)`. Ignored for N:M structures,
-            whose sparsity is `N/M`. For structured pruning: the fraction of the prunable block parameters removed
+            Fraction of weights set to zero in every pruned linear layer, in `[0, 1)`. N:M structures prune `N/M`:
+            leave `sparsity` at its default (or set it to `N/M`); another value (e.g. `"2:4"` with `0.7`) is refused. For structured pruning: the fraction of the prunable block parameters removed
             (the linears of the pruned structure kinds: attention q/k/v/o for heads, the MLP for channels).
         structure (`str`, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"` (e.g. `"2:4"`): exactly N zeros in every M consecutive input weights.
@@ -117,7 +120,7 @@ class PruningConfig:
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
-    sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1).", 0.5)
+    sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1).", _DEFAULT_SPARSITY)
     structure: str = _help("'unstructured' or 'N:M' (N zeros in each M consecutive input weights).", "unstructured")
     dataset: str = _help("Calibration source when none is passed to apply().", "wiki-offline")
     num_samples: int = _help("Number of calibration sequences.", 128)
@@ -157,6 +160,12 @@ class PruningConfig:
             raise ValueError(f"PruningConfig.sparsity must be in [0, 1), got {self.sparsity}.")
         nm = parse_structure(self.structure)
         if nm is not None:
+            if self.sparsity not in (_DEFAULT_SPARSITY, nm[0] / nm[1]):
+                raise ValueError(
+                    f"PruningConfig.sparsity={self.sparsity:g} contradicts structure={self.structure!r}, whose sparsity is "
+                    f"N/M = {nm[0] / nm[1]:g}: leave sparsity at its default or set it to {nm[0] / nm[1]:g} (or use "
+                    "structure='unstructured' for another fraction, or layer_sparsity/allocation for per-layer N_i:M)."
+                )
             self.sparsity = nm[0] / nm[1]
         for name in ("num_samples", "seq_len", "block_size", "batch_size", "multiple_of"):
             value = getattr(self, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -13,7 +14,9 @@ from .config import PruningConfig
 from .data.calibration import get_calibration_ids
 from .engine.checkpoint import RunCheckpoint, run_fingerprint
 from .engine.distributed import shard_rows, world
-from .engine.sequential import PruningReport
+from .engine.inventory import build_inventory
+from .engine.sequential import PruningReport, check_targets
+from .engine.validation import linear_targets, validate_run
 from .methods import get_method_class
 from .methods.base import PruningMethod
 from .serialization import RECORD_NAME as REPORT_NAME
@@ -35,6 +38,17 @@ def _check_nm_sparsity_for(model: nn.Module, config: PruningConfig, sparsity_for
             layer_nm(config.nm, sparsity_for(module.name))
         except ValueError as err:
             raise ValueError(f"sparsity_for({module.name!r}) with structure={config.structure!r}: {err}") from None
+
+
+def _validate(model: nn.Module, config: PruningConfig) -> None:
+    """Structured runs: the pre-run checks over every linear of the decoder blocks."""
+    from .engine.architectures import find_blocks, get_architecture
+    from .engine.linears import is_linear
+
+    spec = get_architecture(model)
+    blocks = find_blocks(model, spec)
+    linears = [{name: m for name, m in block.named_modules() if name and is_linear(m)} for block in blocks]
+    validate_run(model, config, blocks, spec.blocks, linear_targets(model, spec.blocks, linears))
 
 
 class SparsePruner:
@@ -84,8 +98,10 @@ class SparsePruner:
               checkpoint_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> nn.Module:
         """Prunes `model` in place and returns it.
 
-        Every check (model layout, targets, N:M shapes, calibration data, tokenizer) runs before any weight
-        changes. The run's per-layer report is kept in `self.report`.
+        Every check (model kind and layout, targets, N:M shapes, device, quantized/meta/non-finite weights,
+        calibration data, tokenizer) runs before any weight changes (`optimum_sparse.errors`). The run's per-layer
+        report is kept in `self.report`; `report.seconds` is the wall time of this call (checks, calibration,
+        allocation and pruning), the figure logged and written to the record and the card.
 
         Args:
             model: an `AutoModelForCausalLM` (any device placement, accelerate device maps included).
@@ -112,6 +128,7 @@ class SparsePruner:
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
         self.allocation = None
+        started = time.perf_counter()  # one clock for the log line, the report, the record and the card
         if self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
@@ -120,6 +137,7 @@ class SparsePruner:
                                  "PruningConfig.method_kwargs['allocation'] or PruningConfig.allocation='search'.")
             if checkpoint_dir is not None:
                 raise ValueError("checkpoint_dir/resume are not supported by structured methods yet.")
+            _validate(model, self.config)
             plan = plan_structured(model, self.config)  # every check before any change
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             self.report, self.structured_summary = run_structured(model, self.method, self.config, input_ids,
@@ -129,9 +147,9 @@ class SparsePruner:
 
                 self.allocation = Allocation.from_dict(self.report.allocation)
         else:
-            from .engine.inventory import build_inventory
-
-            inventory = build_inventory(model, self.config)  # raises on a weight matrix no rule covers
+            spec, blocks, targets = check_targets(model, self.config)
+            inventory = build_inventory(model, self.config, spec, blocks, targets)  # raises on an uncovered matrix
+            validate_run(model, self.config, blocks, spec.blocks, linear_targets(model, spec.blocks, targets))
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             rank, world_size = world()
             local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows
@@ -156,6 +174,10 @@ class SparsePruner:
                 if layer.name in measured:
                     layer.extra["measured_sparsity"] = measured[layer.name]
             self.report.inventory = inventory.summary()
+        self.report.seconds = time.perf_counter() - started
+        logger.info("Pruned %d layers in %.1f s (mean sparsity %.4f).", len(self.report.layers), self.report.seconds,
+                    self.report.mean_sparsity)
+        if self.report.inventory is not None:
             logger.info("Measured sparsity %.4f over %d target parameters (%.1f%% of the model); %d block parameters "
                         "skipped: %s.", self.report.mean_sparsity, self.report.inventory["target_params"],
                         100 * self.report.inventory["pruned_share"], len(self.report.inventory["skipped"]),
@@ -189,10 +211,13 @@ class SparsePruner:
         self._record_for().set_perplexity(before, after, dataset, seq_len, windows)
 
     def save_pretrained(self, model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None,
-                        model_card: bool = True, **kwargs) -> str:
+                        model_card: bool = True, overwrite: bool = False, **kwargs) -> str:
         """Saves the pruned model atomically: safetensors and `config.json` (`model.save_pretrained`), the tokenizer,
         `pruning_config.json`, `sparsity_config.json`, `pruning_report.json` and the model card (`README.md` and
         `sparsity_plot.png`). Extra keyword arguments go to `model.save_pretrained`. Returns the folder.
+
+        A folder that already holds a model is refused (`OutputPathError`) unless `overwrite=True`; so are a file, the
+        current directory and an unwritable parent.
 
         The tokenizer defaults to the one passed to `apply`. See `optimum_sparse.serialization.save_pruned_model`.
         """
@@ -200,7 +225,7 @@ class SparsePruner:
 
         tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
         return save_pruned_model(model, save_directory, self._record_for(model), tokenizer=tokenizer,
-                                 model_card=model_card, **kwargs)
+                                 model_card=model_card, overwrite=overwrite, **kwargs)
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, private: Optional[bool] = None,
                     revision: Optional[str] = None, token: Optional[str] = None, commit_message: Optional[str] = None,

@@ -9,7 +9,16 @@ from typing import Iterable, Union
 
 import torch.nn as nn
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any", "show_progress"]
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def show_progress(progress: bool = True) -> bool:
+    """Whether to draw progress bars: `progress`, unless `TQDM_DISABLE` or `HF_HUB_DISABLE_PROGRESS_BARS` is set."""
+    return bool(progress) and not any(os.environ.get(var, "").strip().lower() in _TRUE
+                                      for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"))
 
 
 def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:

@@ -120,6 +120,11 @@ def make_ids(num_samples: int = NUM_SAMPLES, seq_len: int = SEQ_LEN, seed: int =
     return torch.randint(0, vocab, (num_samples, seq_len), generator=generator)
 
 
+def sparsity_kwargs(structure: str, sparsity: float) -> dict:
+    """`PruningConfig` keyword arguments: N:M structures prune their own N/M (another `sparsity` is refused)."""
+    return {"structure": structure} if ":" in structure else {"structure": structure, "sparsity": sparsity}
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A deep copy of the state dict (tied weights included once per name)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -42,7 +42,9 @@ def test_malformed_structure_lists_allowed_values(structure):
 
 @pytest.mark.parametrize("structure,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4), ("3:8", 3, 8)])
 def test_nm_sets_sparsity_to_n_over_m(structure, n, m):
-    config = PruningConfig(structure=structure, sparsity=0.9)
+    with pytest.raises(ValueError, match="contradicts"):  # N:M prunes N/M: another sparsity is refused (issue 18)
+        PruningConfig(structure=structure, sparsity=0.9)
+    config = PruningConfig(structure=structure)
     assert config.nm == (n, m)
     assert config.sparsity == pytest.approx(n / m)
     assert parse_structure(structure) == (n, m)

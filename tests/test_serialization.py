@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from optimum_sparse import PruningConfig, SparsePruner
+from optimum_sparse import OutputPathError, PruningConfig, SparsePruner
 from optimum_sparse.serialization import (
     NotAPrunedModelError, atomic_directory, build_sparsity_config, load_pruning_record, load_sparsity_config,
 )
@@ -173,7 +173,7 @@ def test_crash_mid_write_keeps_the_previous_folder(pruned, tmp_path, monkeypatch
         model.model.layers[0].mlp.down_proj.weight.mul_(2)  # the new save would differ
     try:
         with pytest.raises(OSError, match="No space left"):
-            pruner.save_pretrained(model, folder, tokenizer=tokenizer)
+            pruner.save_pretrained(model, folder, tokenizer=tokenizer, overwrite=True)
     finally:
         with torch.no_grad():
             model.model.layers[0].mlp.down_proj.weight.div_(2)
@@ -201,7 +201,7 @@ def test_killed_process_mid_write(pruned, tmp_path):
     leftovers = [e for e in os.listdir(tmp_path) if e.startswith(".model.tmp-")]
     assert len(leftovers) == 1
     model, pruner, _ = pruned
-    pruner.save_pretrained(model, folder, model_card=False)
+    pruner.save_pretrained(model, folder, model_card=False, overwrite=True)
     assert os.listdir(tmp_path) == ["model"] and (folder / "model.safetensors").is_file()
 
 
@@ -224,7 +224,7 @@ def test_swap_without_renameat2(pruned, tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     model, pruner, _ = pruned
     for _ in range(2):
-        pruner.save_pretrained(model, tmp_path / "model", model_card=False)
+        pruner.save_pretrained(model, tmp_path / "model", model_card=False, overwrite=True)
     assert os.listdir(tmp_path) == ["model"] and load_pruning_record(tmp_path / "model").masks
 
 
@@ -237,10 +237,42 @@ def test_replacing_keeps_user_files_drops_stale_shards(pruned, tmp_path):
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/main")
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     (folder / "README.md").write_text("old card")
-    pruner.save_pretrained(model, folder)
+    with pytest.raises(OutputPathError, match="already holds a model.*overwrite=True"):
+        pruner.save_pretrained(model, folder)  # stale shard = another model: refused, nothing touched
+    assert (folder / "model-00002-of-00002.safetensors").read_bytes() == b"stale"
+    pruner.save_pretrained(model, folder, overwrite=True)
     assert (folder / "notes.txt").read_text() == "mine" and (folder / ".git" / "HEAD").is_file()
     assert not (folder / "model-00002-of-00002.safetensors").exists()
     assert (folder / "README.md").read_text() != "old card"
+
+
+def test_save_refuses_a_file_or_an_existing_model(pruned, tmp_path):
+    model, pruner, _ = pruned
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file"):
+        pruner.save_pretrained(model, tmp_path / "file")
+    with pytest.raises(OutputPathError, match="is a file"):
+        pruner.save_pretrained(model, tmp_path / "file" / "sub")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(OutputPathError, match="already holds a model"):
+        model.save_pretrained(other)  # the model's own save_pretrained too
+    assert os.listdir(other) == ["config.json"]
+    model.save_pretrained(other, overwrite=True)
+    assert (other / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into read-only folders")
+def test_save_refuses_a_read_only_parent(pruned, tmp_path):
+    model, pruner, _ = pruned
+    tmp_path.joinpath("ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        with pytest.raises(OutputPathError, match="Cannot write"):
+            pruner.save_pretrained(model, tmp_path / "ro" / "out")
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
 
 
 def test_refuses_to_replace_the_current_directory(pruned, tmp_path, monkeypatch):

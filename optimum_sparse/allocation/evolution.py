@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, show_progress
 from .scoring import FITNESS, Scorer, num_stage_batches
 from .supernet import ACCUMULATIONS
 
@@ -250,7 +250,7 @@ class EvolutionarySearch:
                 every = list(range(len(batches)))
                 parent_fit = scorer.score(0, every, record=True)
                 bar = tqdm(total=kw["generations"], initial=state["generation"], desc=f"Search round {rnd}",
-                           unit="gen", disable=not self.progress)
+                           unit="gen", disable=not show_progress(self.progress))
                 while state["generation"] < kw["generations"]:
                     if stop_after is not None and done_now >= stop_after:
                         bar.close()

@@ -6,12 +6,18 @@ import argparse
 import json
 import logging
 import sys
-import time
 from typing import Optional, Sequence
+
+from ..config import parse_structure
+from ..errors import OptimumSparseError, OutputPathError
+from ..serialization.destination import check_output_dir
+from ..utils import show_progress
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("optimum_sparse.cli")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Modules with `add_parser(subparsers)` (registering a subcommand whose parser sets `func=run`) and `run(args) -> int`.
 from . import push as _push  # noqa: E402
@@ -39,27 +45,37 @@ def _add_eval_args(parser: argparse.ArgumentParser, default_windows: Optional[in
 def build_parser() -> argparse.ArgumentParser:
     from ..methods import available_methods
 
+    from ..version import __version__
+
     parser = argparse.ArgumentParser(prog="optimum-sparse", description="Post-training pruning of causal LMs.")
-    parser.add_argument("--log-level", default="INFO", help="Logging level (DEBUG, INFO, WARNING).")
+    parser.add_argument("--version", action="version", version=f"optimum-sparse {__version__}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="Logging level (default: %(default)s).")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="No progress bars (also: TQDM_DISABLE=1 or HF_HUB_DISABLE_PROGRESS_BARS=1).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prune = sub.add_parser("prune", help="Prune a model and save it.")
+    prune = sub.add_parser("prune", help="Prune a model and save it.", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           description="Prunes a causal LM block by block and saves it (--output) and/or pushes it "
+                                       "(--push-to-hub). The output folder is checked before the model is loaded.")
     _add_model_args(prune)
-    prune.add_argument("--method", default="sparsegpt", choices=available_methods())
-    prune.add_argument("--sparsity", type=float, default=0.5)
+    prune.add_argument("--method", default="sparsegpt", choices=available_methods(), help="Pruning method.")
+    prune.add_argument("--sparsity", type=float, default=0.5,
+                       help="Fraction of the pruned layers' weights set to zero, in [0, 1) (N:M: leave it, N/M is used).")
     prune.add_argument("--structure", default="unstructured",
                        help="'unstructured', N:M (e.g. 2:4), or structured: 'channels', 'heads', 'channels+heads' "
                             "(with --method structprune, flap, wanda-structured or magnitude-structured).")
     prune.add_argument("--multiple-of", type=int, default=8,
                        help="Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for GPUs).")
     prune.add_argument("--dataset", default="wiki-offline", help="Calibration source (name, .txt/.jsonl path).")
-    prune.add_argument("--num-samples", type=int, default=128)
-    prune.add_argument("--seq-len", type=int, default=2048)
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--batch-size", type=int, default=8)
+    prune.add_argument("--num-samples", type=int, default=128, help="Calibration sequences.")
+    prune.add_argument("--seq-len", type=int, default=2048, help="Tokens per calibration sequence.")
+    prune.add_argument("--seed", type=int, default=0, help="Seed of the calibration window sampling.")
+    prune.add_argument("--batch-size", type=int, default=8, help="Calibration sequences per forward pass.")
     prune.add_argument("--device", default=None, help="Device for statistics and solves (cuda, cpu).")
     prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
-    prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument("--true-sequential", action="store_true",
+                       help="Recollect statistics after each linear group (q/k/v, o, gate/up, down) is pruned.")
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
     prune.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "search"],
                        help="Layer-wise sparsity allocation (docs/allocation.md); structured methods: 'uniform' (their "
@@ -76,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--expert-fallback", default="mean-hessian", choices=["mean-hessian", "damping", "magnitude"],
                        help="MoE: statistics of under-calibrated experts (docs/moe.md).")
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
-    prune.add_argument("--output", default=None, help="Folder to save the pruned model in.")
+    prune.add_argument("--output", default=None,
+                       help="Folder to save the pruned model in (checked before loading: writable, not a file).")
+    prune.add_argument("--overwrite", action="store_true", help="Replace a model already in --output.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save the run's state after every block (resumable).")
     prune.add_argument("--resume", action="store_true", help="Continue the run checkpointed in --checkpoint-dir.")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -84,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval", action="store_true", help="Print dense vs pruned perplexity.")
     _add_eval_args(prune, default_windows=None)
 
-    ev = sub.add_parser("eval", help="Perplexity of a model on held-out text.")
+    ev = sub.add_parser("eval", help="Perplexity of a model on held-out text.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(ev)
     _add_eval_args(ev, default_windows=None)
 
-    demo = sub.add_parser("demo", help="Prune the bundled SmolLM2-135M on bundled Wikipedia text; print a table.")
+    demo = sub.add_parser("demo", help="Prune the bundled SmolLM2-135M on bundled Wikipedia text; print a table.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "sparsellm"])
     demo.add_argument("--sparsity", type=float, default=0.6)
     demo.add_argument("--structure", default="unstructured")
@@ -99,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _EXTRA_COMMANDS:  # subcommands living in their own files (push, finetune, ...)
         module.add_parser(sub)
     return parser
+
+
+def _disable_progress_bars() -> None:
+    """--no-progress: our bars (through `show_progress`), huggingface_hub's and transformers' bars off."""
+    import os
+
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _format_table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -143,10 +179,20 @@ def _cmd_prune(args) -> int:
         base = PruningConfig.from_pretrained(args.config).to_dict()
         defaults = vars(build_parser().parse_args(["prune", "--model", "x"]))
         base.update({k: v for k, v in overrides.items() if getattr(args, k) != defaults.get(k)})
+        if args.structure != defaults["structure"] and args.sparsity == defaults["sparsity"]:
+            base.pop("sparsity", None)  # a new structure: the file's sparsity (its N/M) is not a choice of the user
         config = PruningConfig.from_dict(base)
     else:
         config = PruningConfig(**overrides)
     pruner = SparsePruner(config)  # validated before the (slow) model load
+    if args.output:
+        check_output_dir(args.output, overwrite=args.overwrite)  # before hours of work, not after
+    elif not args.push_to_hub and not args.eval:
+        raise OutputPathError("Nowhere to put the pruned model: give --output DIR and/or --push-to-hub REPO_ID (or "
+                              "--eval to only measure perplexity).")
+    else:
+        logger.warning("No --output: the pruned model is %s.", "pushed from a temporary folder" if args.push_to_hub
+                       else "discarded after the evaluation")
     model, tokenizer = _load(args)
     rows = []
     evaluate = lambda: evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len,  # noqa: E731
@@ -154,9 +200,9 @@ def _cmd_prune(args) -> int:
     dense = evaluate() if args.eval else None
     if args.eval:
         rows.append(("dense", "0%", f"{dense:.3f}", "-"))
-    started = time.perf_counter()
-    pruner.apply(model, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
-    seconds = time.perf_counter() - started
+    pruner.apply(model, tokenizer=tokenizer, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                 progress=show_progress())
+    seconds = pruner.report.seconds  # the figure of the log line, the record and the card
     label = config.structure if config.nm else f"{config.sparsity:.0%}"
     if pruner.structured_summary:
         s = pruner.structured_summary
@@ -171,9 +217,10 @@ def _cmd_prune(args) -> int:
     from ..models import MODEL_ALIASES
     from ..hub.push import HubPushError, push_folder
 
-    card = {"base_model": None if args.model.lower() in MODEL_ALIASES else args.model, "repo_id": args.push_to_hub}
+    card = {"base_model": None if args.model.lower() in MODEL_ALIASES else args.model, "repo_id": args.push_to_hub,
+            "model_arg": args.model if args.model.lower() in MODEL_ALIASES else None}  # never a local path
     if args.output:
-        pruner.save_pretrained(model, args.output, tokenizer=tokenizer, card_kwargs=card)
+        pruner.save_pretrained(model, args.output, tokenizer=tokenizer, card_kwargs=card, overwrite=args.overwrite)
     if args.push_to_hub:
         try:
             info = (push_folder(args.output, args.push_to_hub) if args.output else
@@ -200,17 +247,18 @@ def _cmd_demo(args) -> int:
     from ..models import load_model_and_tokenizer
     from ..pruner import SparsePruner
 
-    configs = [PruningConfig(method=m, sparsity=args.sparsity, structure=args.structure, num_samples=args.num_samples,
-                             seq_len=args.seq_len) for m in args.methods]
+    sparsity = {} if parse_structure(args.structure) else {"sparsity": args.sparsity}  # N:M: its own N/M
+    configs = [PruningConfig(method=m, structure=args.structure, num_samples=args.num_samples, seq_len=args.seq_len,
+                             **sparsity) for m in args.methods]
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     evaluate = lambda: evaluate_perplexity(model, tokenizer, "wiki-offline", 512, max_windows=args.eval_windows)  # noqa: E731
     rows = [("SmolLM2-135M dense", "0%", f"{evaluate():.3f}", "-")]
     for config in configs:
         model.load_state_dict(dense_state)
-        started = time.perf_counter()
-        SparsePruner(config).apply(model, tokenizer=tokenizer)
-        seconds = time.perf_counter() - started
+        pruner = SparsePruner(config)
+        pruner.apply(model, tokenizer=tokenizer, progress=show_progress())
+        seconds = pruner.report.seconds
         label = config.structure if config.nm else f"{config.sparsity:.0%}"
         rows.append((config.method, label, f"{evaluate():.3f}", f"{seconds:.1f}"))
     print(f"\nPerplexity on held-out Wikipedia text ({args.eval_windows} x 512-token windows; "
@@ -221,12 +269,13 @@ def _cmd_demo(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.no_progress:
+        _disable_progress_bars()
     commands = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}
     try:
         return commands[args.command](args) if args.command in commands else args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, OptimumSparseError) as err:
         logger.error("%s", err)
         return 2
 

@@ -2,6 +2,10 @@
 
 Sources (`get_calibration_ids` / `load_texts`):
   * pre-tokenized `input_ids`: a `torch.Tensor` `[n, seq_len]` or a list of equal-length lists, used exactly as given;
+  * pre-tokenized batches: a `torch.utils.data.DataLoader` (or any iterable) of id tensors or of `{"input_ids": ...}`
+    dicts, a list of such dicts or tensors, a tokenizer's `BatchEncoding`. Padding marked by an `attention_mask` is
+    dropped; rows of one length are used as given, rows of different lengths are joined and `num_samples` windows of
+    `seq_len` tokens drawn from them (like text);
   * `"wiki-offline"`: the bundled Wikipedia text (see `optimum_sparse.data.wiki`);
   * `"wikitext2"`, `"c4"`, `"ptb"`: the usual Hub datasets through `datasets` (needs network or a local cache);
   * a local `.txt` file (the whole file) or `.jsonl` file (its `"text"` field);
@@ -18,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..errors import CalibrationError
 from .wiki import wiki_offline_texts
 
 __all__ = ["CalibrationError", "load_texts", "tokenize_texts", "get_calibration_ids", "sample_windows"]
@@ -30,10 +35,6 @@ _HUB_DATASETS = {
     "c4": ("allenai/c4", "en", "train", "validation", "text"),
     "ptb": ("ptb_text_only", "penn_treebank", "train", "test", "sentence"),
 }
-
-
-class CalibrationError(ValueError):
-    """Raised for an empty, malformed or too-short calibration set."""
 
 
 def _read_local(path: str) -> list[str]:
@@ -131,9 +132,61 @@ def _as_input_ids(source: Any) -> Optional[torch.Tensor]:
     return ids.long()
 
 
+def _row_list(ids: Any, mask: Any = None) -> list[torch.Tensor]:
+    ids = torch.as_tensor(ids)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise CalibrationError(f"Pre-tokenized input_ids must be integers, got {ids.dtype}.")
+    if ids.dim() not in (1, 2):
+        raise CalibrationError(f"Each calibration batch's input_ids must be [seq_len] or [batch, seq_len], got shape "
+                               f"{tuple(ids.shape)}.")
+    rows = list(ids.reshape(-1, ids.shape[-1]).long()) if ids.numel() else []
+    if mask is not None:
+        keep = torch.as_tensor(mask).reshape(-1, ids.shape[-1]).bool()
+        rows = [row[m] for row, m in zip(rows, keep)]
+    return [row for row in rows if row.numel()]
+
+
+def _is_text_dataset(source: Any) -> bool:
+    try:
+        import datasets
+
+        return isinstance(source, datasets.Dataset) and "input_ids" not in source.column_names
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _batched_rows(source: Any) -> Optional[list[torch.Tensor]]:
+    """Rows of token ids from dict/tensor batches (a DataLoader, a list of dicts, ...), or `None` for other sources."""
+    if isinstance(source, (str, bytes, torch.Tensor)) or not hasattr(source, "__iter__") or _is_text_dataset(source):
+        return None
+    if isinstance(source, (list, tuple)) and all(isinstance(row, (list, tuple, str)) for row in source):
+        return None  # texts, or lists of ids (`_as_input_ids`)
+    items = [source] if hasattr(source, "keys") else source  # one dict / BatchEncoding, or an iterable of batches
+    if hasattr(source, "keys") and "input_ids" not in source.keys():
+        return None
+    rows: list[torch.Tensor] = []
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            rows += _row_list(item)
+        elif hasattr(item, "keys") and "input_ids" in item.keys():
+            rows += _row_list(item["input_ids"], item.get("attention_mask") if hasattr(item, "get") else None)
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):  # TensorDataset batches
+            rows += _row_list(item[0])
+        else:
+            raise CalibrationError(f"Calibration batch {i} is a {type(item).__name__}; batches must be id tensors or "
+                                   "dicts with an 'input_ids' entry.")
+    if not rows:
+        raise CalibrationError("The calibration set is empty (no token ids in the given batches).")
+    return rows
+
+
 def get_calibration_ids(source: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int = 0,
                         vocab_size: Optional[int] = None) -> torch.Tensor:
     """Returns calibration token ids `[num_samples, seq_len]` (pre-tokenized sources: exactly as given)."""
+    rows = _batched_rows(source)
+    if rows is not None:  # rows of one length as given; else joined and windowed like text
+        source = torch.stack(rows) if len({row.numel() for row in rows}) == 1 else sample_windows(
+            torch.cat(rows), num_samples, seq_len, seed)
     ids = _as_input_ids(source)
     if ids is None:
         if tokenizer is None:  # before loading (or downloading) any text

@@ -14,13 +14,11 @@ from typing import Optional
 
 import torch.nn as nn
 
+from ..errors import UnsupportedModelError
+
 __all__ = ["MLPSpec", "ArchitectureSpec", "ARCHITECTURES", "MOE_ARCHITECTURES", "get_architecture", "find_blocks", "UnsupportedModelError"]
 
 logger = logging.getLogger(__name__)
-
-
-class UnsupportedModelError(ValueError):
-    """Raised when the engine cannot find the decoder blocks of a model."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
+from ..errors import NonFiniteActivationError
 from .distributed import all_reduce_scalar, all_reduce_sum
 from ..methods.base import LinearStats
 from .architectures import ArchitectureSpec
@@ -141,6 +142,7 @@ class BlockJob:
         handles = []
         for name, module in modules.items():
             def hook(mod, args, output, name=name):
+                self.check_finite(name, args[0])
                 fn(name, args[0].detach(), _first(output).detach())
 
             handles.append(module.register_forward_hook(hook))
@@ -150,6 +152,18 @@ class BlockJob:
             for h in handles:
                 h.remove()
 
+    def check_finite(self, name: str, inputs: torch.Tensor) -> None:
+        """Raises `NonFiniteActivationError` when the calibration inputs of linear `name` hold NaN/inf values."""
+        if bool(torch.isfinite(inputs).all()):
+            return
+        done = f"{len(self.reports)} layer(s) of block {self.index}" + (f" and all of blocks 0-{self.index - 1}" if self.index else "")
+        changed = "nothing was changed" if not self.index and not self.reports else f"{done} were already pruned in place: reload the model"
+        raise NonFiniteActivationError(
+            f"{self.full_name(name)}: its calibration inputs hold {int((~torch.isfinite(inputs)).sum())} non-finite "
+            f"value(s) of {inputs.numel()} ({inputs.dtype}); pruning stopped before this layer, {changed}. Usual cause: "
+            "float16 overflow (load the model in bfloat16 or float32)."
+        )
+
     def collect_stats(self, names: list[str], want_hessian: bool) -> dict[str, LinearStats]:
         """Forwards every calibration batch and accumulates the input statistics of the named linears.
 
@@ -157,7 +171,8 @@ class BlockJob:
         as the last of them has run (e.g. the MLP is skipped while collecting attention statistics).
         """
         experts = {n: self.linears[n] for n in names if isinstance(self.linears[n], ExpertLinear)}
-        collector = ExpertStatsCollector(self.block, experts, want_hessian, self.device, self.config) if experts else None
+        collector = (ExpertStatsCollector(self.block, experts, want_hessian, self.device, self.config, self.check_finite)
+                     if experts else None)
         names = [n for n in names if n not in experts]
         stats = {name: LinearStats() for name in names}
         shared: dict[str, str] = {}  # linears fed the very same tensor (q/k/v, gate/up) share one accumulation

@@ -4,10 +4,13 @@ A checkpoint folder holds, after block `b`:
 
 - `block_<b>.safetensors`: the pruned weights of block `b`'s target linears, in the model's dtype;
 - `hidden.safetensors`: the calibration hidden states block `b + 1` receives (the pruned blocks' outputs);
-- `state.json`: the run's fingerprint (config, model, calibration tokens), the next block to prune and the report
-  so far. It is replaced last, so a run killed at any point leaves a consistent checkpoint of its last finished block.
+- `state.json`: the run's fingerprint (config, model, input embeddings, calibration tokens), a digest of every
+  finished block's dense target weights, the next block to prune and the report so far. It is replaced last, so a run
+  killed at any point leaves a consistent checkpoint of its last finished block.
 
-Resuming recaptures the block-0 keyword arguments (deterministic), writes the saved weights back, restores the hidden
+Resuming recaptures the block-0 keyword arguments (deterministic), checks that the dense weights of every finished
+block hash to the digests recorded when they were first onloaded (a fine-tuned variant of the same shape is refused
+with `CheckpointMismatchError` before any block is replaced), writes the saved weights back, restores the hidden
 states and continues at the first unfinished block; the result is bit-identical to an uninterrupted run.
 """
 
@@ -23,34 +26,45 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointMismatchError
 from ..utils import atomic_write_text
 from .linears import write_weight
 
-__all__ = ["CheckpointMismatchError", "RunCheckpoint", "run_fingerprint"]
+__all__ = ["CheckpointMismatchError", "RunCheckpoint", "run_fingerprint", "tensor_digest"]
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "state.json"
 HIDDEN_NAME = "hidden.safetensors"
-FORMAT_VERSION = 1
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint folder belongs to a run with another config, model or calibration set."""
+FORMAT_VERSION = 2  # 2: dense weight digests per block and of the input embeddings
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tensor_digest(tensors) -> str:
+    """BLAKE2b of the raw bytes of `tensors` (in order): device- and dtype-exact, copied to the CPU one at a time."""
+    h = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        cpu = tensor.detach().to("cpu").contiguous()
+        h.update(str((tuple(cpu.shape), str(cpu.dtype))).encode())
+        h.update(cpu.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def run_fingerprint(model: nn.Module, config, input_ids: Optional[torch.Tensor]) -> dict:
-    """What must be equal for a checkpoint to be resumed: the pruning config, the model and the calibration tokens."""
+    """What must be equal for a checkpoint to be resumed: the pruning config, the model (config, class, size, input
+    embeddings) and the calibration tokens. The blocks' dense weights are checked per block (`RunCheckpoint.check_dense`)."""
     model_config = getattr(model, "config", None)
     model_dict = model_config.to_diff_dict() if hasattr(model_config, "to_diff_dict") else {}
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         model_dict.pop(volatile, None)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
     return {
         "format": FORMAT_VERSION,
+        "embeddings": tensor_digest([weight]) if weight is not None and weight.device.type != "meta" else None,
         "config": _digest(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()),
         "model": _digest(json.dumps(model_dict, sort_keys=True, default=str).encode()),
         "model_class": type(model).__name__,
@@ -85,6 +99,7 @@ class RunCheckpoint:
                     "resume it with the same model, config and calibration data, or use another folder."
                 )
         os.makedirs(self.folder, exist_ok=True)
+        self.dense_digests: dict[str, str] = dict((self.state or {}).get("dense_digests", {}))
 
     def _read_state(self) -> Optional[dict]:
         path = os.path.join(self.folder, STATE_NAME)
@@ -100,6 +115,20 @@ class RunCheckpoint:
     def _block_path(self, index: int) -> str:
         return os.path.join(self.folder, f"block_{index:05d}.safetensors")
 
+    def note_dense(self, index: int, linears: dict[str, nn.Module]) -> None:
+        """Records the digest of block `index`'s dense target weights (call with the block onloaded, before pruning)."""
+        self.dense_digests[str(index)] = _linears_digest(linears)
+
+    def check_dense(self, index: int, linears: dict[str, nn.Module]) -> None:
+        """Raises `CheckpointMismatchError` when block `index`'s dense weights are not those the checkpoint started from."""
+        expected = self.dense_digests.get(str(index))
+        if expected is None or expected != _linears_digest(linears):
+            raise CheckpointMismatchError(
+                f"The checkpoint in {self.folder} was written by a different run: the dense weights of block {index} "
+                "differ from those it pruned (another model or fine-tune of the same shape); resume it with the same "
+                "model, config and calibration data, or use another folder. Nothing was changed."
+            )
+
     def save(self, index: int, linears: dict[str, nn.Module], hidden: Optional[list], report) -> None:
         """Records block `index` as done: its pruned target weights, the next block's hidden states, the report."""
         weights = {name: module.weight.detach().cpu().contiguous() for name, module in linears.items()}
@@ -112,6 +141,7 @@ class RunCheckpoint:
         self.state = {
             "fingerprint": self.fingerprint,
             "next_block": index + 1,
+            "dense_digests": {k: v for k, v in self.dense_digests.items() if int(k) <= index},
             "layers": [layer.to_dict() for layer in report.layers],
             "blocks": report.blocks,
         }
@@ -140,6 +170,10 @@ class RunCheckpoint:
     def restore_hidden(self) -> list:
         saved = load_file(os.path.join(self.folder, HIDDEN_NAME))
         return [saved[str(i)] for i in range(len(saved))]
+
+
+def _linears_digest(linears: dict[str, nn.Module]) -> str:
+    return tensor_digest(module.weight for _, module in sorted(linears.items()))
 
 
 def _atomic_save(tensors: dict, path: str) -> None:

@@ -70,6 +70,7 @@ class _Module:
         self.routed = [0] * self.count
         self.calls = 0
         self.d = d
+        self.label = ""
 
 
 class ExpertStatsCollector:
@@ -84,8 +85,9 @@ class ExpertStatsCollector:
     """
 
     def __init__(self, block: nn.Module, handles: dict[str, ExpertLinear], want_hessian: bool, device: torch.device,
-                 config: "PruningConfig"):
+                 config: "PruningConfig", check_finite: Optional[Callable[[str, torch.Tensor], None]] = None):
         self.block, self.want_hessian, self.device = block, want_hessian, device
+        self.check_finite = check_finite or (lambda name, inputs: None)
         self.mode = getattr(config, "expert_statistics", "routed")
         self.min_tokens = getattr(config, "min_expert_tokens", None)
         self.fallback = getattr(config, "expert_fallback", "mean-hessian")
@@ -98,6 +100,7 @@ class ExpertStatsCollector:
             if group is None:
                 up = ExpertLinear(handle.experts, 0, handle.layout.up_name, handle.layout)
                 group = self.modules[id(handle.experts)] = _Module(handle.experts, handle.layout, up.in_features)
+                group.label = name.rsplit(".", 2)[0]  # e.g. "mlp.experts", for error messages
                 parent = parents[id(handle.experts)]
                 self.parents[id(handle.experts)] = block.get_submodule(parent) if parent else block
             (group.down if handle.projection == "down_proj" else group.up)[handle.index] = name
@@ -186,6 +189,7 @@ class ExpertStatsCollector:
     def _on_experts_call(self, group: _Module, args: tuple, kwargs: dict) -> None:
         group.calls += 1
         hidden, per_expert = routed_tokens(group.layout, group.count, args, kwargs)
+        self.check_finite(group.label, hidden)
         per_window = hidden.shape[-2] // self.windows
         for e, (token, weight) in enumerate(per_expert):
             group.routed[e] += int(token.numel())

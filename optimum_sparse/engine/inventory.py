@@ -25,7 +25,7 @@ from ..utils import matches_any
 from .architectures import UnsupportedModelError
 from .experts import ExpertLinear, find_experts_modules, is_router
 from .linears import is_linear
-from .offload import offload_hook
+from .validation import stored_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -78,7 +78,7 @@ class ParameterInventory:
         """Counts the zeros of every target matrix in the model's weights (offloaded ones read from their storage)."""
         per_target, zeros, total = {}, 0, 0
         for name, module in self.targets.items():
-            weight = _stored_weight(module)
+            weight = stored_weight(module)
             z, n = int((weight == 0).sum()), weight.numel()
             per_target[name] = z / n if n else 0.0
             zeros, total = zeros + z, total + n
@@ -105,18 +105,6 @@ class ParameterInventory:
             "skipped_params": sum(torch.Size(e.shape).numel() for e in skipped),
             "skipped": [e.to_dict() for e in skipped],
         }
-
-
-def _stored_weight(module) -> torch.Tensor:
-    if isinstance(module, ExpertLinear):
-        tensor = module.parameter
-        if tensor.device.type == "meta":
-            tensor = offload_hook(module.experts).weights_map[module.projection]
-        return tensor[module.index]
-    tensor = module.weight
-    if tensor.device.type == "meta":
-        tensor = offload_hook(module).weights_map["weight"]
-    return tensor
 
 
 _NORM_HINTS = ("norm", "ln_", "layernorm")

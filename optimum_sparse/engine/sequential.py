@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..utils import matches_any
+from ..utils import matches_any, show_progress
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
 from .block import BlockJob, LayerReport
 from .capture import BlockInputs, block_kinds, capture_block_inputs
@@ -160,14 +160,18 @@ def run_sequential(
         start = checkpoint.next_block if checkpoint is not None else 0
         if start:
             logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
-            for index in range(min(start, len(blocks))):
+            finished = range(min(start, len(blocks)))
+            for index in finished:  # every finished block's dense weights are checked before any is replaced
+                with onload_block(blocks[index], solve_device(blocks[index], config.device)):
+                    checkpoint.check_dense(index, targets[index])
+            for index in finished:
                 with onload_block(blocks[index], solve_device(blocks[index], config.device)):
                     checkpoint.restore_block(index, targets[index])
             checkpoint.restore_report(report)
             if inputs is not None:
                 inputs = inputs.with_hidden(checkpoint.restore_hidden())
         bar = tqdm(total=len(blocks), initial=start, desc=f"Pruning ({config.method})", unit="block",
-                   disable=not progress)
+                   disable=not show_progress(progress))
         for index, block in enumerate(blocks):
             if index < start:
                 continue
@@ -178,6 +182,8 @@ def run_sequential(
                     block, index, f"{spec.blocks}.{index}", spec, targets[index],
                     inputs.for_kind(kinds[index]) if inputs is not None else BlockInputs(), device, config, sparsity_for,
                 )
+                if checkpoint is not None:
+                    checkpoint.note_dense(index, targets[index])
                 if targets[index]:
                     method.prune_block(job)
                 if inputs is not None:
@@ -192,5 +198,5 @@ def run_sequential(
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - started
-    logger.info("Pruned %d layers in %.1fs (mean sparsity %.4f).", len(report.layers), report.seconds, report.mean_sparsity)
+    logger.debug("Block loop: %d layers in %.1fs.", len(report.layers), report.seconds)  # apply() logs the run's total
     return report

@@ -63,9 +63,12 @@ def _structure_text(structure: str) -> str:
 
 
 def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None) -> tuple[str, str]:
-    """The `optimum-sparse prune` commands that reproduce the run: with `--config`, and with explicit flags."""
+    """The `optimum-sparse prune` commands that reproduce the run: with `--config`, and with explicit flags.
+
+    `base_model` is the `--model` argument (Hub id, alias or folder); unknown, the commands read `$BASE_MODEL`.
+    """
     c = record.config
-    model = shlex.quote(base_model or "<base model>")
+    model = shlex.quote(base_model) if base_model else '"$BASE_MODEL"'
     with_config = f"optimum-sparse prune --model {model} --config pruning_config.json --output pruned/"
     flags = [
         "optimum-sparse prune", f"--model {model}", f"--method {c.method}", f"--sparsity {c.sparsity:g}",
@@ -192,7 +195,8 @@ def _allocation_fields(record: "PruningRecord") -> dict:
 
 def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, base_model: Optional[str] = None,
                      license: Optional[str] = None, plot_file: Optional[str] = None, language=None,
-                     global_sparsity: Optional[float] = None, extra_tags: Optional[list] = None) -> "ModelCard":
+                     global_sparsity: Optional[float] = None, extra_tags: Optional[list] = None,
+                     model_arg: Optional[str] = None) -> "ModelCard":
     """Builds the model card of a pruned model.
 
     Args:
@@ -204,6 +208,8 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         language: card `language` metadata.
         global_sparsity: fraction of zeros over all parameters (from `sparsity_config.json`).
         extra_tags: more tags.
+        model_arg: the `--model` value the run loaded (an alias such as `smollm2-135m`), used in the reproduce
+            commands when `base_model` is not a Hub id; with neither, they read the `BASE_MODEL` environment variable.
 
     Returns:
         `huggingface_hub.ModelCard`, already checked with huggingface_hub's metadata parser.
@@ -226,7 +232,8 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         model_name=model_name, eval_results=[result] if result else None
     )
     ppl = record.perplexity or {}
-    with_config, with_flags = reproduce_commands(record, base)
+    model_text = base or model_arg
+    with_config, with_flags = reproduce_commands(record, model_text)
     cal_source = (record.calibration or {}).get("source")
     note = None
     if cal_source and cal_source != c.dataset and (record.calibration or {}).get("num_samples"):
@@ -260,7 +267,8 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         pruned_share=_pct(inventory["pruned_share"]) if "pruned_share" in inventory else None, skipped_text=skipped_text,
         num_layers=len(record.layers), calibration_text=_calibration_text(record), seconds=f"{record.seconds:.1f} s",
         library_version=record.library_version, perplexity=bool(ppl), eval_text=_eval_text(ppl) if ppl else "",
-        dense_ppl=_ppl(ppl.get("dense")), pruned_ppl=_ppl(ppl.get("pruned")), base_model_text=base or "<base model>",
+        dense_ppl=_ppl(ppl.get("dense")), pruned_ppl=_ppl(ppl.get("pruned")), base_model_text=f"`{model_text}`" if model_text else "the dense model",
+        model_expr=json.dumps(model_text) if model_text else 'os.environ["BASE_MODEL"]',
         plot_file=plot_file, layer_rows=rows, repo_text=repo or "<this repo>",
         first_layer=record.layers[0].name if record.layers else "", command_config=with_config,
         command_flags=with_flags, calibration_note=note, **_allocation_fields(record), config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),

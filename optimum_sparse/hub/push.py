@@ -109,10 +109,27 @@ def _operations(folder: str, repo_id: str) -> list:
             if rel == CARD_NAME:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
-                if _PLACEHOLDER in text:
-                    content = text.replace(_PLACEHOLDER, repo_id).encode("utf-8")
+                named = _card_for_repo(text, repo_id)
+                if named != text:
+                    content = named.encode("utf-8")
             ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
     return ops
+
+
+def _card_for_repo(text: str, repo_id: str) -> str:
+    """The card with its repo placeholders filled and its model-index entry named after the repository."""
+    from huggingface_hub import ModelCard
+
+    text = text.replace(_PLACEHOLDER, repo_id)
+    try:
+        card = ModelCard(text)
+    except Exception:  # not a card we can parse: uploaded as written
+        return text
+    name = repo_id.split("/")[-1]
+    if card.data.eval_results and card.data.model_name != name:
+        card.data.model_name = name
+        return str(card)
+    return text
 
 
 def _stale_weights(api: "HfApi", repo_id: str, revision: Optional[str], local: set) -> list:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.calibration import load_texts, sample_windows, tokenize_texts
 from ..engine.devices import execution_device
+from ..utils import show_progress
 
 __all__ = ["FinetuneResult", "finetune", "training_windows"]
 
@@ -156,7 +157,7 @@ def finetune(
     was_training = model.training
     torch.manual_seed(seed)
     evaluate(0)
-    bar = tqdm(total=steps, desc="Fine-tuning", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc="Fine-tuning", unit="step", disable=not show_progress(progress))
     loop_seconds = 0.0
     try:
         for step in range(1, steps + 1):

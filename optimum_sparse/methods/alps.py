@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from ..engine.linears import read_weight
+from ..errors import NonFiniteActivationError
 from .base import PruningMethod, get_method_class, register_method, warm_start_config
 from .masks import layer_mask, nm_mask, num_pruned
 
@@ -110,10 +111,11 @@ def alps_factor(hessian: torch.Tensor, damping: float = 0.01) -> ALPSFactor:
     """Scales and factors `hessian + damping·mean(diag)·I` (see the module docstring).
 
     Raises:
-        `torch.linalg.LinAlgError` when `hessian` has non-finite entries.
+        `NonFiniteActivationError` when `hessian` has non-finite entries.
     """
     if not torch.isfinite(hessian).all():
-        raise torch.linalg.LinAlgError("Hessian has non-finite entries; the calibration activations overflowed.")
+        raise NonFiniteActivationError("The Hessian (Σ x xᵀ of the calibration inputs) has non-finite entries: "
+                                       "the inputs overflowed (float16?); prune in bfloat16 or float32.")
     H = hessian.to(torch.float32).clone()
     diag = torch.diagonal(H)
     delta = damping * float(diag.mean())

@@ -70,6 +70,7 @@ class PruningMethod:
 
     name: ClassVar[str] = ""
     stats: ClassVar[str] = "hessian"
+    column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
@@ -82,10 +83,11 @@ class PruningMethod:
             raise ValueError(f"PruningConfig.structure={config.structure!r} needs a structured method {structured}; "
                              f"{config.method!r} prunes unstructured or N:M.")
         nm = config.nm
-        if nm is not None and config.block_size % nm[1]:
+        if nm is not None and cls.column_blocks and config.block_size % nm[1]:
             raise ValueError(
                 f"PruningConfig.block_size ({config.block_size}) must be a multiple of M={nm[1]} for structure "
-                f"{config.structure!r}."
+                f"{config.structure!r}: {cls.name!r} solves {config.block_size}-column blocks, each holding whole "
+                f"groups of M inputs (e.g. block_size={config.block_size // nm[1] * nm[1] or nm[1]})."
             )
 
     def layer_nm(self, sparsity: float) -> Optional[tuple[int, int]]:

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from ..errors import NonFiniteActivationError
+
 __all__ = ["SymmetricGram", "damped_cholesky", "inverse_cholesky_upper", "prepare_hessian"]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,12 @@ def damped_cholesky(matrix: torch.Tensor, damping: float, max_tries: int = 8) ->
     """Lower Cholesky factor of `matrix + λ·mean(diag)·I`, escalating λ ×10 on each failure.
 
     Raises:
-        `torch.linalg.LinAlgError` when the matrix is not finite or still not positive definite after
-        `max_tries` escalations.
+        `NonFiniteActivationError` when the matrix is not finite; `torch.linalg.LinAlgError` when it is still not
+        positive definite after `max_tries` escalations.
     """
     if not torch.isfinite(matrix).all():
-        raise torch.linalg.LinAlgError("Hessian has non-finite entries; the calibration activations overflowed.")
+        raise NonFiniteActivationError("The Hessian (Σ x xᵀ of the calibration inputs) has non-finite entries: "
+                                       "the inputs overflowed (float16?); prune in bfloat16 or float32.")
     diag_mean = torch.diag(matrix).mean().clamp_min(1e-12)
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     lam = damping

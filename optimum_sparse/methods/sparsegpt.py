@@ -100,6 +100,7 @@ def sparsegpt_prune(
 class SparseGPTPruning(PruningMethod):
     name = "sparsegpt"
     stats = "hessian"
+    column_blocks = True
 
     def __init__(self, config):
         super().__init__(config)

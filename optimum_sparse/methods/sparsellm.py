@@ -398,6 +398,7 @@ class SparseLLMPruning(PruningMethod):
 
     name = "sparsellm"
     stats = "hessian"
+    column_blocks = True
 
     @classmethod
     def validate_config(cls, config) -> None:

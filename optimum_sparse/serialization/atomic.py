@@ -13,6 +13,7 @@ import sys
 import uuid
 from typing import Iterator, Union
 
+from .destination import check_replaceable
 from .record import OUR_FILES, WEIGHT_FILE_PATTERNS
 
 __all__ = ["atomic_directory"]
@@ -134,16 +135,7 @@ def atomic_directory(path: Union[str, os.PathLike], fsync: bool = True) -> Itera
     ...     model.save_pretrained(tmp)
     ```
     """
-    path = os.path.abspath(os.fspath(path)).rstrip(os.sep) or os.sep
-    parent, name = os.path.split(path)
-    if not name:
-        raise ValueError(f"Refusing to save into the filesystem root {path!r}.")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"{path} exists and is not a folder.")
-    cwd, real = os.path.realpath(os.getcwd()), os.path.realpath(path)
-    if os.path.isdir(path) and (cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)):
-        raise ValueError(f"Refusing to replace {path}: it is the current directory or one of its parents; "
-                         "save into a subfolder.")
+    path, parent, name = check_replaceable(path)  # OutputPathError: root, a file, the current directory
     os.makedirs(parent, exist_ok=True)
     _recover_stale(parent, name)
     tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..config import CONFIG_NAME
 from .atomic import atomic_directory
+from .destination import check_output_dir
 from .record import (
     RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config, checkpoint_sparsity,
 )
@@ -39,7 +40,7 @@ def _plain_save(model: nn.Module):
 
 def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningRecord,
                       tokenizer: Any = None, model_card: bool = True, card_kwargs: Optional[dict] = None,
-                      fsync: bool = True, **save_kwargs) -> str:
+                      fsync: bool = True, overwrite: bool = False, **save_kwargs) -> str:
     """Saves a pruned model with its pruning record, sparsity sidecar, tokenizer and model card, atomically.
 
     Args:
@@ -51,6 +52,8 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
         card_kwargs: extra arguments of `optimum_sparse.hub.card.build_model_card` (`repo_id`, `base_model`,
             `license`, ...).
         fsync: flush files to disk before the swap.
+        overwrite: replace a folder that already holds a model (`config.json` or weights); without it such a folder
+            is refused with `OutputPathError` before anything is written.
         save_kwargs: passed to `model.save_pretrained` (`max_shard_size`, ...).
 
     Returns:
@@ -62,7 +65,7 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
         if save_kwargs.get(key):
             raise ValueError(f"save_pruned_model does not take {key!r}; push with SparsePruner.push_to_hub.")
         save_kwargs.pop(key, None)
-    final = os.path.abspath(os.fspath(save_directory))
+    final = check_output_dir(save_directory, overwrite=overwrite)
     with atomic_directory(final, fsync=fsync) as tmp:
         _plain_save(model)(tmp, **save_kwargs)
         _check_config_json(tmp)
@@ -269,12 +272,12 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
     push = kwargs.pop("push_to_hub", False)
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
     token = kwargs.get("token")
+    repo_id = hub.pop("repo_id", None) or (os.path.basename(os.path.abspath(os.fspath(save_directory))) if push else None)
     folder = save_pruned_model(self, save_directory, record, tokenizer=self.__dict__.get("_optimum_sparse_tokenizer"),
-                               card_kwargs={"repo_id": hub.get("repo_id")}, **kwargs)
+                               card_kwargs={"repo_id": repo_id}, **kwargs)  # the card is named after the repo
     if push:
         from ..hub.push import push_folder
 
-        repo_id = hub.pop("repo_id", None) or os.path.basename(folder)
         push_folder(folder, repo_id, token=token, **hub)
     return None
 

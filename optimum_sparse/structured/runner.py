@@ -31,6 +31,7 @@ from .allocation import ModuleBudget, allocate, allocation_record, check_feasibl
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
 from .shrink import count_parameters, finalize_config, out_features, shrink_channels, shrink_heads
+from ..utils import show_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -131,7 +132,7 @@ def _allocation_scores(model, plan: StructuredPlan, method: "StructuredMethod", 
                        progress: bool) -> list[torch.Tensor]:
     """Dense pass: the method's comparable scores of every module, in `plan.modules` order."""
     scores = []
-    bar = tqdm(total=len(plan.blocks), desc=f"Scoring ({config.method})", unit="block", disable=not progress)
+    bar = tqdm(total=len(plan.blocks), desc=f"Scoring ({config.method})", unit="block", disable=not show_progress(progress))
     for index, block in enumerate(plan.blocks):
         device = solve_device(block, config.device)
         with onload_block(block, device):
@@ -211,7 +212,7 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
 
 def _prune_blocks(plan: StructuredPlan, method: "StructuredMethod", config, inputs: BlockInputs, keep_of: dict,
                   report: PruningReport, progress: bool) -> None:
-    bar = tqdm(total=len(plan.blocks), desc=f"Pruning ({config.method})", unit="block", disable=not progress)
+    bar = tqdm(total=len(plan.blocks), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress(progress))
     for index, block in enumerate(plan.blocks):
         block_started = time.perf_counter()
         device = solve_device(block, config.device)

@@ -48,6 +48,7 @@ from .allocation import allocate, allocation_record
 from .base import GroupDecision
 from .latency import BUDGETS, LatencyTable, load_latency_table
 from .scoring import expand_groups
+from ..utils import show_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..allocation.base import Allocation
@@ -315,7 +316,7 @@ class _StructuredSearch(EvolutionarySearch):
         plan, config = self.plan, self.config
         inputs = capture_block_inputs(self.model, plan.blocks[0], self.input_ids, config.batch_size)
         bar = tqdm(total=len(plan.blocks), desc=f"Supernet round {rnd} ({config.method})", unit="block",
-                   disable=not self.progress)
+                   disable=not show_progress(self.progress))
         for index, block in enumerate(plan.blocks):
             cached = net.has_block(index)
             tensors: dict = {}

@@ -21,7 +21,8 @@ from ..helpers import assert_state_unchanged, block_linears, make_ids, make_mode
 
 def _config(**kwargs):
     kwargs.setdefault("method", "wanda")
-    kwargs.setdefault("sparsity", 0.6)
+    if kwargs.get("structure", "unstructured") == "unstructured":  # N:M prunes N/M; another sparsity is refused
+        kwargs.setdefault("sparsity", 0.6)
     return PruningConfig(num_samples=8, seq_len=16, batch_size=4, **kwargs)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from optimum_sparse import CalibrationError, PruningConfig, SparsePruner, UnsupportedModelError
+from optimum_sparse.errors import NonFiniteActivationError, NonFiniteWeightError
 
 from ..helpers import VOCAB, assert_state_unchanged, make_ids, make_model, snapshot
 
@@ -123,14 +124,29 @@ def test_missing_local_file(tmp_path, tokenizer):
     expect_error(make_model("llama"), CalibrationError, "not found", tokenizer=tokenizer, dataset=str(tmp_path / "nope.jsonl"))
 
 
-def test_non_finite_hessian_fails_loudly():
-    """A calibration pass that overflows must stop the run instead of writing NaNs into the weights."""
+def test_non_finite_norm_refused_before_any_change():
+    """An inf in a norm the calibration forward uses: refused up front (it used to surface mid-run)."""
     model = make_model("llama")
     with torch.no_grad():
-        model.model.layers[0].input_layernorm.weight.fill_(float("inf"))
-    pruner = SparsePruner(PruningConfig(method="sparsegpt", **CALIB))
-    with pytest.raises((torch.linalg.LinAlgError, FloatingPointError)):
+        model.model.layers[1].input_layernorm.weight.fill_(float("inf"))
+    expect_error(model, NonFiniteWeightError, r"model\.layers\.1\.input_layernorm\.weight is used by the calibration",
+                 dataset=make_ids())
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "sparsellm", "alps"])
+def test_non_finite_activations_stop_the_run(method):
+    """Activations that turn non-finite inside the run (e.g. float16 overflow) stop it before the layer is pruned."""
+    model = make_model("llama")
+    model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, out: torch.full_like(out, float("inf")))
+    pruner = SparsePruner(PruningConfig(method=method, **CALIB))
+    with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.1\.self_attn\.q_proj: .*already pruned"):
         pruner.apply(model, dataset=make_ids(), progress=False)
-    for module in model.model.layers[0].modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear):
             assert torch.isfinite(module.weight).all()
+
+
+def test_non_finite_activations_in_first_block_change_nothing():
+    model = make_model("llama")
+    model.model.layers[0].input_layernorm.register_forward_hook(lambda m, a, out: torch.full_like(out, float("nan")))
+    expect_error(model, NonFiniteActivationError, "nothing was changed", dataset=make_ids(), method="wanda")

@@ -101,3 +101,25 @@ def test_resuming_a_finished_run_only_restores_it(tmp_path):
     SparsePruner(_config()).apply(again, dataset=ids, progress=False, checkpoint_dir=tmp_path, resume=True)
     for (name, value), expected in zip(again.state_dict().items(), done.state_dict().values()):
         assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("where", ["block0", "block1", "embeddings"])
+def test_resume_with_a_fine_tuned_variant_is_refused(tmp_path, monkeypatch, where):
+    """Same config, class and shapes, other dense weights: refused before any block is replaced (issue 18.1)."""
+    ids = make_ids()
+    with monkeypatch.context() as patch:
+        _kill_at(patch, SparseGPTPruning, 2)
+        with pytest.raises(Killed):
+            SparsePruner(_config()).apply(make_model("llama", num_layers=NUM_LAYERS), dataset=ids, progress=False,
+                                          checkpoint_dir=tmp_path)
+    variant = make_model("llama", num_layers=NUM_LAYERS)
+    with torch.no_grad():
+        if where == "embeddings":
+            variant.model.embed_tokens.weight[3, 0] += 1e-3
+        else:
+            variant.model.layers[int(where[-1])].mlp.down_proj.weight[0, 0] += 1e-3  # one weight of a "fine-tune"
+    before = snapshot(variant)
+    match = "embeddings" if where == "embeddings" else rf"dense weights of block {where[-1]} differ"
+    with pytest.raises(CheckpointMismatchError, match=match):
+        SparsePruner(_config()).apply(variant, dataset=ids, progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert_state_unchanged(variant, before)

@@ -25,13 +25,15 @@ def test_card_renders_every_field(pruned, saved_folder):
     assert (result.task_type, result.metric_type, result.metric_value) == ("text-generation", "perplexity", 130.25)
     assert result.dataset_type == "wiki-offline" and result.dataset_split == "evaluation"
     text = card.text
-    assert "| Dense (`<base model>`) | 121.500 |" in text and "| Pruned (this model) | 130.250 |" in text
+    assert "| Dense (the dense model) | 121.500 |" in text and "| Pruned (this model) | 130.250 |" in text
+    assert "<base model>" not in text  # the dense model is unknown: the commands read $BASE_MODEL, said so
     assert "non-overlapping 16-token windows, 4 windows" in text
     assert "pre-tokenized input_ids tensor [8, 16]: 8 sequences × 16 tokens (seed 0)" in text
     assert "![Per-layer sparsity and relative reconstruction error](sparsity_plot.png)" in text
     for layer in record.layers:  # the per-layer table, with the reconstruction errors
         assert f"| `{layer.name}` | {layer.shape[0]} × {layer.shape[1]} | 50.00% | {layer.relative_error:.4g} |" in text
-    assert "optimum-sparse prune --model '<base model>' --config pruning_config.json" in text
+    assert 'optimum-sparse prune --model "$BASE_MODEL" --config pruning_config.json' in text
+    assert 'load_model_and_tokenizer(os.environ["BASE_MODEL"]' in text and "export BASE_MODEL=" in text
     assert "--method sparsegpt" in text and "--num-samples 8" in text and "--seq-len 16" in text
     config_json = text.split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(config_json) == record.config.to_dict()  # the exact config
@@ -51,6 +53,14 @@ def test_card_with_base_model_and_repo(pruned):
     validate_model_card(str(card))
     # local paths are never published as base_model
     assert build_model_card(pruner.record, base_model="/data/models/llama").data.base_model is None
+
+
+def test_card_reproduces_with_the_alias_the_run_loaded(pruned):
+    _, pruner, _ = pruned
+    card = build_model_card(pruner.record, model_arg="smollm2-135m")
+    assert "optimum-sparse prune --model smollm2-135m --config" in card.text
+    assert 'load_model_and_tokenizer("smollm2-135m", dtype="auto")' in card.text and "BASE_MODEL" not in card.text
+    assert card.data.base_model is None  # an alias is not a Hub id
 
 
 def test_card_without_perplexity_or_plot(pruned, tmp_path, monkeypatch):

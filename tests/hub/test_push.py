@@ -140,6 +140,10 @@ def test_existing_repo_unchanged_push_and_stale_shards(saved_folder, hub_env):
     push_folder(saved_folder, repo_id)
     files = hub_env.files(repo_id)
     assert "model-00002-of-00002.safetensors" not in files and "notes.md" in files
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(files["README.md"].decode())  # saved without a repo id: the model-index is named at push time
+    assert card.data.model_name == "existing" and card.data.eval_results[0].metric_value == 130.25
     assert len(hub_env.commits(repo_id)) == 3
     push_folder(saved_folder, repo_id)  # nothing changed: the client skips the empty commit
     assert len(hub_env.commits(repo_id)) == 3

@@ -11,7 +11,7 @@ from optimum_sparse.methods.masks import num_pruned
 from optimum_sparse.methods.sparsegpt import sparsegpt_prune
 
 from ..engine.test_pruning import check_exact_sparsity
-from ..helpers import TABLE_ARCHS, make_ids, make_model
+from ..helpers import TABLE_ARCHS, make_ids, make_model, sparsity_kwargs
 from .test_methods import activations, output_error, weight
 
 CALIB = dict(num_samples=8, seq_len=16, batch_size=4)
@@ -68,7 +68,7 @@ def test_warm_start_is_never_worse_and_options_are_used():
 @pytest.mark.parametrize("arch", TABLE_ARCHS)
 def test_exact_sparsity_on_every_architecture(arch, structure):
     model = make_model(arch)
-    pruner = SparsePruner(PruningConfig(method="alps", sparsity=0.7, structure=structure, **CALIB))
+    pruner = SparsePruner(PruningConfig(method="alps", **sparsity_kwargs(structure, 0.7), **CALIB))
     pruner.apply(model, dataset=make_ids(), progress=False)
     check_exact_sparsity(model, structure, 0.7 if structure == "unstructured" else 0.5)
     with torch.no_grad():

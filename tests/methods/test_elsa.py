@@ -16,7 +16,7 @@ from optimum_sparse.methods.admm import ADMMSettings, admm_optimizer_class, glob
 from optimum_sparse.methods.masks import num_pruned
 
 from ..engine.test_pruning import check_exact_sparsity
-from ..helpers import VOCAB, assert_state_unchanged, block_linears, make_model, snapshot
+from ..helpers import VOCAB, assert_state_unchanged, block_linears, make_model, snapshot, sparsity_kwargs
 
 FAST = dict(steps=16, interval=4, learning_rate=3e-3, penalty=0.05, penalty_init=0.0, penalty_schedule="linear",
             gradient_checkpointing=False)
@@ -35,7 +35,7 @@ def learnable_ids(num_samples: int = 16, seq_len: int = 16, seed: int = 0) -> to
 
 
 def elsa_config(ids, sparsity=0.7, structure="unstructured", **kwargs):
-    return PruningConfig(method="elsa", sparsity=sparsity, structure=structure, num_samples=ids.shape[0],
+    return PruningConfig(method="elsa", **sparsity_kwargs(structure, sparsity), num_samples=ids.shape[0],
                          seq_len=ids.shape[1], batch_size=4, method_kwargs={**FAST, **kwargs})
 
 

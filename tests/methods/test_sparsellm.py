@@ -11,7 +11,7 @@ from optimum_sparse.engine import find_blocks, get_architecture
 from optimum_sparse.methods.linalg import SymmetricGram
 from optimum_sparse.methods.sparsellm import FFNProblem, _RidgeSolver, _gauss_newton, _value_and_slope, solve_ffn
 
-from ..helpers import TABLE_ARCHS, block_linears, make_ids, make_model, num_zeros, weight_out_in
+from ..helpers import TABLE_ARCHS, block_linears, make_ids, make_model, num_zeros, sparsity_kwargs, weight_out_in
 
 CALIB = dict(num_samples=8, seq_len=16, batch_size=4)
 
@@ -27,7 +27,7 @@ def _prune(model, method, ids, **kwargs):
 def test_sparsellm_exact_sparsity_and_never_worse_than_its_start(arch, structure):
     model = make_model(arch)
     ids = make_ids()
-    pruner = _prune(model, "sparsellm", ids, sparsity=0.7, structure=structure)
+    pruner = _prune(model, "sparsellm", ids, **sparsity_kwargs(structure, 0.7))
     for name, module in block_linears(model).items():
         weight = weight_out_in(module)
         if structure == "2:4":
