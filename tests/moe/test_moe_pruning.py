@@ -305,3 +305,20 @@ def test_bfloat16_experts_keep_their_dtype_and_exact_sparsity():
         assert int((weight == 0).sum()) == num_pruned(weight.numel(), 0.5), name
     assert pruner.report.mean_sparsity == pytest.approx(0.5)
     assert torch.isfinite(model(make_ids(2)).logits.float()).all()
+
+
+def test_non_finite_routed_inputs_raise_before_an_expert_is_written():
+    model = make_moe("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    before = {n: p.detach().clone() for n, p in experts.named_parameters()}
+
+    def overflow(module, args):  # what a float16 overflow upstream of the experts looks like
+        return (args[0].clone().fill_(float("inf")),) + tuple(args[1:])
+
+    model.model.layers[0].mlp.experts.register_forward_pre_hook(overflow)
+    from optimum_sparse import NonFiniteActivationError
+
+    with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.0\.mlp\.experts"):
+        _prune(model, "sparsegpt", ignore=["self_attn"])
+    for name, param in experts.named_parameters():
+        assert torch.equal(param, before[name]), name
