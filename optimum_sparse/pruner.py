@@ -112,7 +112,9 @@ class SparsePruner:
                 f"SparsePruner.apply expects a transformers PreTrainedModel (AutoModelForCausalLM), got {type(model).__name__}."
             )
         self.allocation = None
-        if self.config.is_structured:
+        if self.config.structure == "experts":
+            input_ids = self._remove_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress)
+        elif self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
             if sparsity_for is not None:
@@ -153,6 +155,19 @@ class SparsePruner:
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too
         return model
+
+    def _remove_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
+        """Whole-expert removal (`structure="experts"`, `optimum_sparse.structured.experts`); returns the calibration."""
+        from .structured.experts import plan_expert_removal, run_expert_removal
+
+        if sparsity_for is not None or checkpoint_dir is not None:
+            raise ValueError("structure='experts' removes the same number of experts per MoE block in one pass: "
+                             "sparsity_for and checkpoint_dir/resume do not apply.")
+        plan = plan_expert_removal(model, self.config)  # every check before any change
+        input_ids = self.prepare_calibration(model, tokenizer, dataset)
+        self.report, self.structured_summary = run_expert_removal(model, self.method, self.config, input_ids,
+                                                                  progress, plan=plan)
+        return input_ids
 
     def _record_for(self, model: Optional[nn.Module] = None) -> PruningRecord:
         record = self.record or getattr(model, "pruning_record", None)
