@@ -273,6 +273,7 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
         raise ValueError(f"Method {config.method!r} needs calibration data.")
     started = time.perf_counter()
     params_before = count_parameters(model)
+    prunable_before = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
     was_training = model.training
     model.eval()
     try:
@@ -295,12 +296,15 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
                               "scores": scores.tolist(), **s.to_dict()})
     setattr(model.config, plan.count_field, plan.kept)
     params_after = count_parameters(model)
+    prunable_after = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
     summary = {
         "structure": "experts", "method": config.method, "criterion": method.criterion,
         "experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
         "config_field": plan.count_field, "moe_blocks": [layer.index for layer in plan.layers],
         "dense_blocks": plan.skipped_blocks, "model_params_before": params_before, "model_params_after": params_after,
         "achieved_model_fraction": 1.0 - params_after / params_before,
+        # the experts modules' and routers' tensors: what the removal acts on
+        "achieved_prunable_fraction": 1.0 - prunable_after / prunable_before, "format": "stock",
         "removed_experts": {layer.name: b["removed_experts"] for layer, b in zip(plan.layers, report.blocks)},
     }
     report.diagnostics["expert_removal"] = summary
