@@ -1,7 +1,7 @@
 """MoE benchmark: the bundled SmolLM2-135M sparsely upcycled into a Mixtral (E experts, top-k), then pruned.
 
 1. `dense`: the SmolLM2-135M perplexity; `upcycled`: the Mixtral built by `optimum_sparse.upcycle.upcycle_to_mixtral`
-   (every FFN copied into E experts, routers = spherical k-means centroids of the block's FFN inputs on the
+   (every FFN copied into E experts, routers = centred spherical k-means centroids of the block's FFN inputs on the
    calibration windows), with its tokens per expert: it must match the dense perplexity (within 1%).
 2. `<method>-<setting>-<stats>`: SparseGPT / SparseLLM at 50%, 70%, 2:4 with per-expert statistics from the routed
    tokens (`expert_statistics="routed"`) or pooled over all tokens (`"pooled"`); the weights' own zeros are counted

@@ -1,9 +1,12 @@
 """Sparse upcycling: a dense Llama-layout causal LM turned into a Mixtral mixture of experts with the same outputs.
 
 Every decoder block's FFN is copied into `num_experts` identical experts, and a router is added that sends each token
-by a fixed rule: the block's FFN inputs (the `post_attention_layernorm` outputs) on calibration text are clustered by
-seeded spherical k-means (cosine similarity, k-means++ start), and the router's weights are the unit-norm centroids, so
-`logits = x · c_e` and a token goes to the `top_k` experts whose centroids are closest to it in angle. Mixtral
+by a fixed rule: the block's FFN inputs (the `post_attention_layernorm` outputs) on calibration text, minus their mean
+`μ`, are clustered by seeded spherical k-means (cosine similarity, k-means++ start); the router's weights are the
+centroids made orthogonal to `μ` and unit-norm, so `logits = x · c_e = (x − μ) · c_e` and a token goes to the `top_k`
+experts whose centroids are closest in angle to its deviation from the mean. (Without centring, the large common
+component of the inputs makes one central expert the second choice of almost every token and starves others: on
+SmolLM2 an expert of block 24 got 0.1% of the routing slots, against 19-33% per expert with centring.) Mixtral
 normalises the top-k routing weights to sum to 1, so with equal experts the block computes exactly the dense FFN:
 the upcycled model has the dense model's outputs (up to float rounding), while every expert sees its own tokens.
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-__all__ = ["upcycle_to_mixtral", "spherical_kmeans", "routing_counts"]
+__all__ = ["upcycle_to_mixtral", "spherical_kmeans", "centred_router", "routing_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,16 @@ def spherical_kmeans(x: torch.Tensor, k: int, seed: int = 0, iterations: int = 3
             break
         centroids = new
     return centroids
+
+
+def centred_router(x: torch.Tensor, num_experts: int, seed: int = 0, iterations: int = 30) -> torch.Tensor:
+    """Router weights `[E, d]` for FFN inputs `x` `[n, d]`: spherical k-means of `x − μ`, centroids made orthogonal
+    to `μ` (so `x · c = (x − μ) · c`) and unit-norm."""
+    x = x.to(torch.float32)
+    mean = x.mean(dim=0)
+    centroids = spherical_kmeans(x - mean, num_experts, seed=seed, iterations=iterations)
+    direction = nn.functional.normalize(mean, dim=0)
+    return nn.functional.normalize(centroids - (centroids @ direction)[:, None] * direction, dim=-1)
 
 
 def _mixtral_config(config, num_experts: int, top_k: int):
@@ -170,8 +183,8 @@ def upcycle_to_mixtral(model: nn.Module, input_ids: torch.Tensor, num_experts: i
     device = next(model.parameters()).device
     moe = MixtralForCausalLM(config)
     state = {}
-    info = {"rule": "spherical k-means of each block's FFN inputs; router weight = unit centroids (logits = x·c), "
-                    "top-k weights normalised to 1", "num_experts": num_experts, "top_k": top_k, "seed": seed,
+    info = {"rule": "spherical k-means of each block's FFN inputs minus their mean; router weight = centroids made "
+                    "orthogonal to the mean, unit norm (logits = x·c = (x-mean)·c); top-k weights normalised to 1", "num_experts": num_experts, "top_k": top_k, "seed": seed,
             "tokens_per_expert": []}
     dense_state = model.state_dict()
     for name, tensor in dense_state.items():
@@ -184,7 +197,7 @@ def upcycle_to_mixtral(model: nn.Module, input_ids: torch.Tensor, num_experts: i
         prefix = f"model.layers.{i}.mlp."
         state[prefix + "experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)
         state[prefix + "experts.down_proj"] = down.unsqueeze(0).repeat(num_experts, 1, 1)
-        centroids = spherical_kmeans(ffn_inputs[i], num_experts, seed=seed + i, iterations=iterations)
+        centroids = centred_router(ffn_inputs[i], num_experts, seed=seed + i, iterations=iterations)
         state[prefix + "gate.weight"] = centroids
         info["tokens_per_expert"].append(routing_counts(centroids, ffn_inputs[i], top_k).tolist())
     if config.tie_word_embeddings:

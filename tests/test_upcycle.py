@@ -64,3 +64,16 @@ def test_upcycle_refuses_bad_input(kwargs, match):
     arch = kwargs.pop("arch", "llama")
     with pytest.raises(ValueError, match=match):
         upcycle_to_mixtral(make_model(arch, num_layers=1), make_ids(), progress=False, **kwargs)
+
+
+def test_centred_router_is_blind_to_the_mean_and_balances_a_shared_offset():
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.zeros(8)
+    mean[0] = 50.0  # a large component common to every token, as in real FFN inputs
+    x = mean + torch.randn(400, 8, generator=generator)
+    from optimum_sparse.upcycle import centred_router
+
+    router = centred_router(x, 4, seed=0)
+    torch.testing.assert_close(router @ x.mean(0), torch.zeros(4), atol=1e-4, rtol=0)  # logits = (x - mean) · c
+    counts = routing_counts(router, x, 1)
+    assert counts.min() > 50  # every expert is some tokens' first choice

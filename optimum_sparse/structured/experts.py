@@ -189,8 +189,8 @@ def _routing(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tenso
 @torch.no_grad()
 def _accumulate(experts: nn.Module, stats: ExpertStats, hidden: torch.Tensor, indices: torch.Tensor,
                 weights: torch.Tensor) -> None:
-    """Adds one batch: for each expert, its tokens, routing mass and weighted output norms (the module's own forward,
-    every other expert's weight zeroed)."""
+    """Adds one batch: for each expert, its tokens, routing mass and weighted output norms (the module's own forward
+    on the expert's tokens, routed to it alone (one slot) with its routing weight)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     indices = indices.reshape(hidden.shape[0], -1)
     weights = weights.reshape(hidden.shape[0], -1)
@@ -199,10 +199,10 @@ def _accumulate(experts: nn.Module, stats: ExpertStats, hidden: torch.Tensor, in
         rows = chosen.any(dim=1).nonzero().flatten()
         if rows.numel() == 0:
             continue
-        only_e = torch.where(chosen[rows], weights[rows], torch.zeros_like(weights[rows]))
-        out = experts.forward(hidden[rows], indices[rows], only_e)
+        weight = torch.where(chosen[rows], weights[rows], torch.zeros_like(weights[rows])).sum(dim=1, keepdim=True)
+        out = experts.forward(hidden[rows], torch.full_like(indices[rows][:, :1], e), weight)
         stats.tokens[e] += float(chosen.sum())
-        stats.mass[e] += float(only_e.to(torch.float64).sum())
+        stats.mass[e] += float(weight.to(torch.float64).sum())
         stats.contribution[e] += float(out.to(torch.float64).norm(dim=-1).sum())
 
 
