@@ -105,6 +105,16 @@ class PruningConfig:
             share the rest of the budget (N:M: multiples of `1/M`). Loaded into a dict on construction.
         multiple_of (`int`, defaults to `8`):
             Structured pruning only: kept MLP channels per layer are a multiple of this (64 or 128 suit GPUs).
+        expert_statistics (`str`, defaults to `"routed"`):
+            Mixture-of-experts models: each expert's statistics from the tokens the router sends to it, weighted by
+            the routing weight (`"routed"`), or from all tokens, unweighted (`"pooled"`). See docs/moe.md.
+        min_expert_tokens (`int`, *optional*):
+            Experts routed fewer calibration tokens than this get `expert_fallback` (default: the expert's input
+            width, below which `XᵀX` is rank deficient). At least 1: an expert without tokens always gets it.
+        expert_fallback (`str`, defaults to `"mean-hessian"`):
+            Statistics of under-calibrated experts: `"mean-hessian"` (blend with the mean of the block's experts by
+            the token deficit), `"damping"` (damping scaled with the token deficit) or `"magnitude"` (prune the expert
+            by magnitude). Recorded per expert in the report.
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
@@ -127,6 +137,12 @@ class PruningConfig:
     layer_sparsity: Optional[Any] = _help("Per-layer sparsity override (dict or JSON path).", None)
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
     multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this.", 8)
+    expert_statistics: str = _help("MoE: per-expert statistics from 'routed' tokens (routing-weighted) or 'pooled'.",
+                                   "routed")
+    min_expert_tokens: Optional[int] = _help("MoE: experts with fewer routed tokens get expert_fallback "
+                                             "(default: the input width).", None)
+    expert_fallback: str = _help("MoE: 'mean-hessian', 'damping' or 'magnitude' for under-calibrated experts.",
+                                 "mean-hessian")
 
     def __post_init__(self):
         from .methods import available_methods, get_method_class
@@ -175,6 +191,7 @@ class PruningConfig:
                 torch.device(self.device)
             except RuntimeError as err:
                 raise ValueError(f"PruningConfig.device: {err}") from err
+        self._validate_experts()
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
         get_method_class(self.method).validate_config(self)
@@ -187,6 +204,19 @@ class PruningConfig:
         from .allocation import validate_allocation
 
         validate_allocation(self)
+
+    def _validate_experts(self) -> None:
+        from .engine.expert_stats import EXPERT_FALLBACKS, EXPERT_STATISTICS
+
+        if self.expert_statistics not in EXPERT_STATISTICS:
+            raise ValueError(f"PruningConfig.expert_statistics must be one of {list(EXPERT_STATISTICS)}, "
+                             f"got {self.expert_statistics!r}.")
+        if self.expert_fallback not in EXPERT_FALLBACKS:
+            raise ValueError(f"PruningConfig.expert_fallback must be one of {list(EXPERT_FALLBACKS)}, "
+                             f"got {self.expert_fallback!r}.")
+        value = self.min_expert_tokens
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"PruningConfig.min_expert_tokens must be None or an integer >= 1, got {value!r}.")
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:

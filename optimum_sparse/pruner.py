@@ -131,7 +131,9 @@ class SparsePruner:
 
                 self.allocation = Allocation.from_dict(self.report.allocation)
         else:
-            check_targets(model, self.config)
+            from .engine.inventory import build_inventory
+
+            inventory = build_inventory(model, self.config)  # raises on a weight matrix no rule covers
             input_ids = self.prepare_calibration(model, tokenizer, dataset)
             rank, world_size = world()
             local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows
@@ -151,6 +153,15 @@ class SparsePruner:
                                                   progress and rank == 0, tokenizer=tokenizer, checkpoint=checkpoint)
             if self.allocation is not None:
                 self.report.allocation = self.allocation.to_dict()
+            measured = inventory.measure()["per_target"]
+            for layer in self.report.layers:
+                if layer.name in measured:
+                    layer.extra["measured_sparsity"] = measured[layer.name]
+            self.report.inventory = inventory.summary()
+            logger.info("Measured sparsity %.4f over %d target parameters (%.1f%% of the model); %d block parameters "
+                        "skipped: %s.", self.report.mean_sparsity, self.report.inventory["target_params"],
+                        100 * self.report.inventory["pruned_share"], len(self.report.inventory["skipped"]),
+                        self.report.inventory["skipped_reasons"])
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-__all__ = ["MLPSpec", "ArchitectureSpec", "ARCHITECTURES", "get_architecture", "find_blocks", "UnsupportedModelError"]
+__all__ = ["MLPSpec", "ArchitectureSpec", "ARCHITECTURES", "MOE_ARCHITECTURES", "get_architecture", "find_blocks", "UnsupportedModelError"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,37 @@ _GEMMA_POST_NORM = ArchitectureSpec(
     groups=_LLAMA_LIKE.groups,
     mlp=MLPSpec(down="mlp.down_proj", up="mlp.up_proj", gate="mlp.gate_proj", activation="mlp.act_fn", adds_to_residual=False),
 )
+
+def _moe_spec(ffn: str, activation: str) -> ArchitectureSpec:
+    """Mixture-of-experts decoders. `<ffn>.experts.*.<projection>` stands for every expert's projection of a fused
+    experts module (`engine.experts`); shared experts and dense blocks (DeepSeek's first blocks, Llama-4's interleaved
+    dense blocks) are ordinary linears. The MLP spec describes the dense blocks' FFN (SparseLLM)."""
+    shared = (f"{ffn}.shared_expert", f"{ffn}.shared_experts")
+    return ArchitectureSpec(
+        blocks="model.layers",
+        groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.q_a_proj",
+             "self_attn.kv_a_proj_with_mqa", "linear_attn.in_proj_qkvz", "linear_attn.in_proj_ba"),
+            ("self_attn.q_b_proj", "self_attn.kv_b_proj"),
+            ("self_attn.o_proj", "linear_attn.out_proj"),
+            (f"{ffn}.experts.*.gate_up_proj", f"{ffn}.experts.*.up_proj", f"{ffn}.gate_proj", f"{ffn}.up_proj",
+             *(f"{s}.{p}" for s in shared for p in ("gate_proj", "up_proj"))),
+            (f"{ffn}.experts.*.down_proj", f"{ffn}.down_proj", *(f"{s}.down_proj" for s in shared)),
+        ),
+        mlp=MLPSpec(down=f"{ffn}.down_proj", up=f"{ffn}.up_proj", gate=f"{ffn}.gate_proj", activation=activation),
+    )
+
+
+_MOE = _moe_spec("mlp", "mlp.act_fn")
+
+# Mixture-of-experts decoders: their groups name every layout variant (attention kinds, shared experts, dense blocks)
+# and so list names a given block may lack; tested in tests/moe/.
+MOE_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2", "deepseek_v3",
+                     "gpt_oss", "phimoe"), _MOE),
+    "granitemoe": _moe_spec("block_sparse_moe", "block_sparse_moe.act_fn"),
+    "llama4_text": _moe_spec("feed_forward", "feed_forward.activation_fn"),
+}
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama": _LLAMA_LIKE,
@@ -147,7 +178,7 @@ def _generic_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def get_architecture(model: nn.Module) -> ArchitectureSpec:
     """Returns the table entry for `model.config.model_type`, or a generic spec found by search."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = ARCHITECTURES.get(model_type) or MOE_ARCHITECTURES.get(model_type)
     if spec is not None and isinstance(_get_path(model, spec.blocks), nn.ModuleList):
         return spec
     if spec is not None:

@@ -19,6 +19,8 @@ from ..methods.base import LinearStats
 from .architectures import ArchitectureSpec
 from .capture import BlockInputs, StopForward
 from .devices import move_to
+from .experts import ExpertLinear
+from .expert_stats import ExpertStatsCollector
 from .linears import read_weight, write_weight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +48,14 @@ class LayerReport:
             out["relative_error"] = self.relative_error
         out.update(self.extra)
         return out
+
+
+def _group_key(name: str, module) -> str:
+    """An expert projection's key in the architecture table's groups: `mlp.experts.7.down_proj` -> `mlp.experts.*.down_proj`."""
+    if isinstance(module, ExpertLinear):
+        head, index, projection = name.rsplit(".", 2)
+        return f"{head}.*.{projection}"
+    return name
 
 
 def _first(output):
@@ -90,6 +100,7 @@ class BlockJob:
         self.sparsity_for = sparsity_for
         self.reports: list[LayerReport] = []
         self.diagnostics: dict = {}
+        self.expert_extra: dict[str, dict] = {}  # expert projections: routed tokens, fallback (from collect_stats)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -153,11 +164,17 @@ class BlockJob:
         When the first batch shows each named linear called exactly once per forward, later batches stop as soon
         as the last of them has run (e.g. the MLP is skipped while collecting attention statistics).
         """
+        experts = {n: self.linears[n] for n in names if isinstance(self.linears[n], ExpertLinear)}
+        collector = ExpertStatsCollector(self.block, experts, want_hessian, self.device, self.config) if experts else None
+        names = [n for n in names if n not in experts]
         stats = {name: LinearStats() for name in names}
         shared: dict[str, str] = {}  # linears fed the very same tensor (q/k/v, gate/up) share one accumulation
         seen: dict[tuple, tuple] = {}  # holds the tensors too, so that no address is reused within a batch
         calls = dict.fromkeys(names, 0)
         stop_early = False
+
+        def done() -> bool:
+            return stop_early and all(calls.values()) and (collector is None or collector.all_called())
 
         def add(name, inp, out):
             calls[name] += 1
@@ -168,19 +185,28 @@ class BlockJob:
             else:
                 seen[key] = (name, inp)
                 stats[name].add(inp.to(self.device), want_hessian)
-            if stop_early and all(calls.values()):
+            if done():
                 raise StopForward()
 
-        with self.capture({n: self.linears[n] for n in names}, add):
+        def after_experts():
+            if done():
+                raise StopForward()
+
+        with self.capture({n: self.linears[n] for n in names}, add), \
+                (collector.hooks() if collector is not None else contextlib.nullcontext()):
+            if collector is not None:
+                collector.after_call = after_experts
             for i in range(len(self.inputs)):
                 seen.clear()
                 calls.update(dict.fromkeys(names, 0))
+                if collector is not None:
+                    collector.new_batch(self.inputs.hidden[i].shape[0])
                 try:
                     self.forward_batch(i)
                 except StopForward:
                     pass
                 if i == 0:
-                    stop_early = all(c == 1 for c in calls.values())
+                    stop_early = all(c == 1 for c in calls.values()) and (collector is None or collector.called_once())
         for name, stat in stats.items():
             if name not in shared:  # several processes: each rank holds a share of the calibration windows
                 all_reduce_sum(stat.hessian)
@@ -189,6 +215,9 @@ class BlockJob:
                 stat.finalize()
         for name, owner in shared.items():
             stats[name] = stats[owner]
+        if collector is not None:
+            stats.update(collector.finalize())
+            self.expert_extra.update(collector.extra)
         return stats
 
     # ----- local pruning --------------------------------------------------------------------------------------
@@ -197,8 +226,9 @@ class BlockJob:
         if not self.config.true_sequential:
             return [list(self.linears)]
         grouped, seen = [], set()
+        keys = {n: _group_key(n, m) for n, m in self.linears.items()}
         for group in self.spec.groups:
-            names = [n for n in group if n in self.linears]
+            names = [n for g in group for n in self.linears if keys[n] == g]
             seen.update(names)
             if names:
                 grouped.append(names)
@@ -240,6 +270,12 @@ class BlockJob:
             for name in group:
                 original = read_weight(self.linears[name], self.device)
                 full = self.full_name(name)
-                new, mask, *extra = method.prune_layer(full, original.clone(), stats[name], self.sparsity_for(full))
-                self.apply_weight(name, original, new, mask, stats[name], **(extra[0] if extra else {}))
+                solver, layer_stats = method, stats[name]
+                if getattr(layer_stats, "fallback", None) == "magnitude":  # an under-calibrated expert
+                    from ..methods.magnitude import MagnitudePruning
+
+                    solver, layer_stats = MagnitudePruning(method.config), None
+                new, mask, *extra = solver.prune_layer(full, original.clone(), layer_stats, self.sparsity_for(full))
+                extra = {**(extra[0] if extra else {}), **self.expert_extra.get(name, {})}
+                self.apply_weight(name, original, new, mask, stats[name], **extra)
                 stats[name] = None

@@ -1,17 +1,19 @@
-"""Uniform access to the weight of a linear layer (`nn.Linear`, or GPT-2's transposed `Conv1D`)."""
+"""Uniform access to the weight of a linear layer (`nn.Linear`, GPT-2's transposed `Conv1D`, or one expert's
+projection inside fused MoE weights: `engine.experts.ExpertLinear`)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .experts import ExpertLinear
 from .offload import update_offloaded_tensor
 
 __all__ = ["is_linear", "read_weight", "write_weight", "in_features"]
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, ExpertLinear)) or type(module).__name__ == "Conv1D"
 
 
 def _transposed(module: nn.Module) -> bool:
@@ -31,6 +33,8 @@ def read_weight(module: nn.Module, device: torch.device) -> torch.Tensor:
 @torch.no_grad()
 def write_weight(module: nn.Module, weight: torch.Tensor, name: str = "") -> None:
     """Writes a float32 `[out, in]` weight back in the module's dtype and layout; refuses non-finite values."""
+    if isinstance(module, ExpertLinear):
+        return module.write(weight, name)
     if not torch.isfinite(weight).all():
         raise FloatingPointError(f"Refusing to write non-finite values into the weight of {name or module}.")
     if _transposed(module):

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from ..utils import matches_any
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
-from .block import BlockJob, LayerReport
+from .block import BlockJob, LayerReport, _group_key
 from .capture import BlockInputs, block_kinds, capture_block_inputs
 from .devices import onload_block, solve_device
+from .experts import ExpertLinear, expert_handles, is_router
 from .linears import in_features, is_linear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PruningReport:
     """What a pruning run did: per-layer sparsity and error, per-block diagnostics, run-level diagnostics (e.g.
-    ELSA's training history), timing."""
+    ELSA's training history), timing, and the inventory of the decoder blocks' parameters (`engine.inventory`): the
+    sparsity measured on the weights over every target matrix, the share of the model's parameters pruned, and every
+    skipped parameter by name with its reason."""
 
     method: str
     layers: list = field(default_factory=list)
@@ -39,9 +42,14 @@ class PruningReport:
     seconds: float = 0.0
     allocation: Optional[dict] = None  # `Allocation.to_dict()` when a layer-wise allocation was used
     diagnostics: dict = field(default_factory=dict)
+    inventory: Optional[dict] = None  # `ParameterInventory.summary()` (SparsePruner.apply, unstructured/N:M runs)
 
     @property
     def mean_sparsity(self) -> float:
+        """Fraction of zeros over the pruned matrices: measured on the weights when the run kept an inventory, else
+        the size-weighted mean of the per-layer figures."""
+        if self.inventory is not None and "sparsity" in self.inventory:
+            return self.inventory["sparsity"]
         total = sum(torch.Size(r.shape).numel() for r in self.layers)
         zeros = sum(torch.Size(r.shape).numel() * r.sparsity for r in self.layers)
         return zeros / total if total else 0.0
@@ -55,6 +63,7 @@ class PruningReport:
             "blocks": self.blocks,
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
+            **({"inventory": self.inventory} if self.inventory is not None else {}),
         }
 
 
@@ -62,13 +71,31 @@ def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", 
     """Target linears of a block, `{name relative to block: module}`, in the table's forward order."""
     found = {}
     for name, module in block.named_modules():
-        if not name or not is_linear(module):
+        if not name or not is_linear(module) or not is_target(block, prefix, name, module, config):
             continue
-        full = f"{prefix}.{name}"
-        if matches_any(full, module, config.targets) and not matches_any(full, module, config.ignore):
-            found[name] = module
+        found[name] = module
+    for name, handle in expert_handles(block).items():  # fused experts: one matrix per expert and projection
+        if is_target(block, prefix, name, handle, config):
+            found[name] = handle
     order = {name: i for i, name in enumerate(spec.linear_names)}
-    return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
+    return dict(sorted(found.items(), key=lambda item: order.get(_group_key(*item), len(order))))
+
+
+def is_target(block: nn.Module, prefix: str, name: str, module, config: "PruningConfig") -> bool:
+    """Whether the linear (or expert projection) `name` of a block is pruned under `config.targets`/`ignore`.
+
+    Expert projections match the class pattern `"Linear"` (and `"ExpertLinear"`) and their names
+    (`mlp.experts.7.down_proj`). Routers (`gate`, `router`, `shared_expert_gate` beside experts) are pruned only when
+    `targets` names them by name or regex, never by class.
+    """
+    full = f"{prefix}.{name}"
+    if matches_any(full, module, config.ignore):
+        return False
+    if is_router(block, name):
+        return matches_any(full, object(), config.targets)  # names and regexes only
+    if isinstance(module, ExpertLinear) and "Linear" in config.targets:
+        return True
+    return matches_any(full, module, config.targets)
 
 
 def check_targets(model: nn.Module, config: "PruningConfig") -> tuple[ArchitectureSpec, nn.ModuleList, list[dict]]:

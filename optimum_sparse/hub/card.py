@@ -252,11 +252,18 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
              "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity))
              + (f" ({layer_patterns[r.name]})" if r.name in layer_patterns else ""),
              "error": _num(r.relative_error) if r.relative_error is not None else ""} for r in record.layers]
+    inventory = record.inventory or {}
+    skipped = inventory.get("skipped") or []
+    skipped_text = ", ".join(f"{n} {r}" for r, n in sorted((inventory.get("skipped_reasons") or {}).items())) or "none"
+    if skipped:
+        names = ", ".join(f"`{e['name']}` ({e['reason']})" for e in skipped[:6])
+        skipped_text += f": {names}{', ...' if len(skipped) > 6 else ''} (all listed in `pruning_report.json`)"
     card = ModelCard.from_template(
         data, template_path=TEMPLATE_PATH,
         title=model_name, summary=summary, method=c.method, structure_text=_structure_text(c.structure),
         target_sparsity=_pct(c.sparsity), pruned_sparsity=_pct(record.mean_sparsity),
         global_sparsity=_pct(global_sparsity),
+        pruned_share=_pct(inventory["pruned_share"]) if "pruned_share" in inventory else None, skipped_text=skipped_text,
         num_layers=len(record.layers), calibration_text=_calibration_text(record), seconds=f"{record.seconds:.1f} s",
         library_version=record.library_version, perplexity=bool(ppl), eval_text=_eval_text(ppl) if ppl else "",
         dense_ppl=_ppl(ppl.get("dense")), pruned_ppl=_ppl(ppl.get("pruned")), base_model_text=base or "<base model>",

@@ -32,6 +32,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..engine.block import LayerReport
 from ..engine.devices import execution_device, solve_device
+from ..engine.experts import ExpertLinear
 from ..engine.sequential import PruningReport, check_targets
 from ..methods.admm import ADMMMixin, ADMMSettings, admm_optimizer_class
 from ..methods.base import get_method_class, warm_start_config
@@ -95,6 +96,10 @@ def elsa_targets(model: nn.Module, config, sparsity_for: Optional[Callable[[str]
     for i, linears in enumerate(targets):
         for name, module in linears.items():
             full = f"{spec.blocks}.{i}.{name}"
+            if isinstance(module, ExpertLinear):
+                raise ValueError(f"ELSA does not train fused expert weights yet ({full}); prune MoE models with "
+                                 "another method, or add ignore=['re:\\.experts\\.'] (the experts are then listed as "
+                                 "skipped in the report).")
             weight = module.weight
             if not weight.is_floating_point():
                 raise ValueError(f"ELSA trains the weights it prunes, but {full}.weight is {weight.dtype} (quantized?): "

@@ -37,6 +37,7 @@ from .linalg import SymmetricGram, damped_cholesky
 from .masks import layer_nm
 from .sparsegpt import SparseGPTPruning, sparsegpt_factor, sparsegpt_prune
 from ..engine.distributed import all_reduce_scalar, all_reduce_sum
+from ..engine.experts import ExpertLinear
 from ..engine.linears import read_weight
 
 __all__ = ["SparseLLMPruning", "FFNProblem", "solve_ffn"]
@@ -69,6 +70,9 @@ class FFNProblem:
         w_down: `[d, f]` output projection; `b_down` its bias or `None`.
         act: element-wise activation φ.
         gated: `p = φ(s) ⊙ z` with `[s; z] = X w_inᵀ` (else `p = φ(z)`).
+        weights: per chunk `[n_i, 1]` token weights `r`, or `None`: every term of token `t` counts `r_t²` (an
+            expert's routing weight scales its output, so its errors count `r²`). Only the weight updates and the
+            errors change: each token's auxiliary minimisers do not depend on a common factor of its terms.
     """
 
     inputs: list
@@ -79,6 +83,7 @@ class FFNProblem:
     b_down: Optional[torch.Tensor]
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
+    weights: Optional[list] = None
 
 
 @dataclass
@@ -242,6 +247,10 @@ def solve_ffn(
     storage = storage or device
     gated, act = problem.gated, problem.act
     X, Y, A = _Chunks(storage, device), _Chunks(storage, device), _Chunks(storage, device)  # A: pre-activations
+    R = problem.weights
+
+    def weigh(t: torch.Tensor, i: int) -> torch.Tensor:  # a token's rows times its weight r_t
+        return t if R is None else t * R[i].to(t.device)
     for i, x in enumerate(problem.inputs):
         X.append(x)
         if problem.targets is not None:
@@ -264,11 +273,11 @@ def solve_ffn(
         if problem.targets is None:  # the dense FFN's output, less its bias
             Y.append(p @ w_down.t())
         y = Y[i]
-        gram_x.add(x)
-        gram_p.add(p)
-        sq_a += pre.pow(2).sum(0)
-        y_energy += float(y.pow(2).sum())
-        p_energy += float(p.pow(2).sum())
+        gram_x.add(weigh(x, i))
+        gram_p.add(weigh(p, i))
+        sq_a += weigh(pre, i).pow(2).sum(0)
+        y_energy += float(weigh(y, i).pow(2).sum())
+        p_energy += float(weigh(p, i).pow(2).sum())
         tokens += x.shape[0]
         A.append(pre)
     for total in (gram_x.matrix, gram_p.matrix, sq_a):  # several processes: each holds a share of the tokens
@@ -314,7 +323,7 @@ def solve_ffn(
         for i in range(len(X)):
             x, y, pre = X[i], Y[i], A[i]
             m = _linear(x, cur_in, b_in)
-            residual = torch.addmm(y, _ffn_inner(m, act, gated), cur_down.t(), alpha=-1.0).view(-1)
+            residual = weigh(torch.addmm(y, _ffn_inner(m, act, gated), cur_down.t(), alpha=-1.0), i).view(-1)
             error += float(torch.dot(residual, residual))
             if gated:
                 s, z = _split(pre, True)
@@ -333,9 +342,9 @@ def solve_ffn(
             else:
                 pre = _gauss_newton(pre, m, p, 1.0, act, alpha_vec, gamma_eff, newton_steps)
             A[i] = pre
-            XA.addmm_(x.t(), pre - b_in if b_in is not None else pre)
-            gram_p.add(p)
-            PY.addmm_(p.t(), y)
+            XA.addmm_(weigh(weigh(x, i), i).t(), pre - b_in if b_in is not None else pre)
+            gram_p.add(weigh(p, i))
+            PY.addmm_(weigh(p, i).t(), weigh(y, i))
         for total in (XA, gram_p.matrix, PY):
             all_reduce_sum(total)
         H_p = gram_p.symmetric()
@@ -350,9 +359,9 @@ def solve_ffn(
         gram_p.zero_()
         PY.zero_()
         for i in range(len(X)):
-            p = _ffn_inner(_linear(X[i], w, b_in), act, gated)
+            p = weigh(_ffn_inner(_linear(X[i], w, b_in), act, gated), i)
             gram_p.add(p)
-            PY.addmm_(p.t(), Y[i])
+            PY.addmm_(p.t(), weigh(Y[i], i))
         all_reduce_sum(gram_p.matrix)
         all_reduce_sum(PY)
         return gram_p.symmetric(), PY
@@ -443,6 +452,10 @@ class SparseLLMPruning(PruningMethod):
     def prune_block(self, job) -> None:
         dense_outputs = self._dense_outputs(job) if self.options["ffn_target"] == "dense_model" else None
         names = self._ffn_names(job)
+        experts = [n for n, m in job.linears.items() if isinstance(m, ExpertLinear)]
+        if experts:  # a mixture-of-experts block: methods/sparsellm_moe.py
+            self._prune_moe_block(job, experts)
+            return
         if names is None:
             logger.warning("Block %d: no known FFN layout among the targets; pruning it with SparseGPT.", job.index)
             job.prune_locally(self.local)
@@ -454,10 +467,26 @@ class SparseLLMPruning(PruningMethod):
             job.prune_locally(self.local, names=others)
         self._prune_ffn(job, gate, up, down, dense_outputs)
 
+    def _prune_moe_block(self, job, experts: list[str]) -> None:
+        """Attention (and other linears) by SparseGPT, each shared/dense FFN jointly, then each expert jointly."""
+        from ..engine.architectures import MLPSpec
+        from .sparsellm_moe import block_ffns, prune_experts
+
+        ffns = block_ffns(job)
+        in_ffn = {n for ffn in ffns for n in ffn[:3] if n is not None}
+        others = [n for n in job.linears if n not in in_ffn and n not in experts]
+        if others:
+            job.prune_locally(self.local, names=others)
+        for gate, up, down, act in ffns:  # the FFN's own output as target: a shared expert's is gated afterwards
+            self._prune_ffn(job, gate, up, down, None, MLPSpec(down=down, up=up, gate=gate, activation=act,
+                                                               adds_to_residual=False))
+        prune_experts(self, job, experts)
+
     @torch.no_grad()
-    def _prune_ffn(self, job, gate: Optional[str], up: str, down: str, dense_outputs: Optional[list] = None) -> None:
+    def _prune_ffn(self, job, gate: Optional[str], up: str, down: str, dense_outputs: Optional[list] = None,
+                   mlp=None) -> None:
         opts, cfg, device = self.options, self.config, job.device
-        mlp = job.spec.mlp
+        mlp = mlp or job.spec.mlp
         act = _resolve(job.block, mlp.activation)
         gated = mlp.gated
         modules = {"up": job.linears[up], "down": job.linears[down]}
@@ -465,7 +494,7 @@ class SparseLLMPruning(PruningMethod):
             modules["gate"] = job.linears[gate]
 
         # X: FFN input (after the pruned attention); Y: dense FFN output
-        storage = self._storage_device(job, device)
+        storage = self._storage_device(job, device, mlp)
         captured = {"up": [], "down": [], "gate": []}
 
         def grab(name, inp, out):
@@ -556,13 +585,14 @@ class SparseLLMPruning(PruningMethod):
         logger.info("Block %d FFN: relative output error %.5f (SparseGPT start %.5f, %s).",
                     job.index, result.error, result.sparsegpt_error, result.best)
 
-    def _storage_device(self, job, device: torch.device) -> torch.device:
+    def _storage_device(self, job, device: torch.device, mlp=None) -> torch.device:
         if self.options["activation_device"] is not None:
             return torch.device(self.options["activation_device"])
         if device.type != "cuda":
             return device
-        mlp_width = job.linears[job.spec.mlp.down].weight.shape[-1]
-        need = 4 * job.inputs.num_tokens * (3 * mlp_width + 2 * job.linears[job.spec.mlp.down].weight.shape[0])
+        down = job.linears[(mlp or job.spec.mlp).down]
+        mlp_width = down.weight.shape[-1]
+        need = 4 * job.inputs.num_tokens * (3 * mlp_width + 2 * down.weight.shape[0])
         free, _ = torch.cuda.mem_get_info(device)
         return device if need < free / 4 else torch.device("cpu")
 

@@ -151,12 +151,42 @@ def _weight_files(folder: str) -> dict[str, str]:
     return out
 
 
+def _expert_mask(files: dict, name: str) -> Optional[torch.Tensor]:
+    """The zeros of expert projection `<experts>.<e>.<proj>`: saved fused (`<experts>.<proj>`, slice `e`, stored
+    layout) or split per expert by transformers' conversion (`<experts>.<e>.gate_proj/up_proj/down_proj.weight`,
+    `gate_up_proj` as `[gate; up]`)."""
+    from safetensors import safe_open
+
+    head, index, projection = (name.rsplit(".", 2) + ["", ""])[:3]
+    if not index.isdigit():
+        return None
+    fused = f"{head}.{projection}"
+    split = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)}
+    if fused in files:
+        with safe_open(files[fused], "pt") as handle:
+            return handle.get_slice(fused)[int(index)] == 0
+    keys = [f"{head}.{index}.{part}.weight" for part in split.get(projection, ())]
+    if keys and all(k in files for k in keys):
+        parts = []
+        for k in keys:
+            with safe_open(files[k], "pt") as handle:
+                parts.append(handle.get_tensor(k) == 0)
+        return torch.cat(parts, dim=0)
+    return None
+
+
 def _load_masks(folder: str, record: PruningRecord) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     files = _weight_files(folder)
     wanted: dict[str, dict[str, str]] = {}
+    expert_masks = {}
     for layer in record.layers:
+        if f"{layer.name}.weight" not in files:
+            mask = _expert_mask(files, layer.name)  # a fused expert projection (`...experts.7.gate_up_proj`)
+            if mask is not None:
+                expert_masks[layer.name] = mask
+                continue
         key = f"{layer.name}.weight"
         if key not in files:  # checkpoint keys may carry a different prefix than module names
             candidates = [k for k in files if k.endswith("." + key) or key.endswith("." + k)]
@@ -165,7 +195,7 @@ def _load_masks(folder: str, record: PruningRecord) -> dict[str, torch.Tensor]:
             warnings.warn(f"No weight for pruned layer {layer.name} in {folder}; its mask is not recovered.")
             continue
         wanted.setdefault(files[key], {})[layer.name] = key
-    masks = {}
+    masks = dict(expert_masks)
     for file, names in wanted.items():
         with safe_open(file, "pt") as handle:
             for name, key in names.items():

@@ -72,6 +72,7 @@ class PruningRecord:
     base_model: Optional[str] = None
     library_version: str = __version__
     allocation: Optional[dict] = None
+    inventory: Optional[dict] = None  # measured sparsity, pruned share, skipped parameters (`PruningReport.inventory`)
     masks: Optional[dict] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -85,7 +86,7 @@ class PruningRecord:
         calibration = describe_calibration(source, config, input_ids)
         return cls(config=config, layers=list(report.layers), blocks=list(report.blocks), seconds=report.seconds,
                    calibration=calibration, base_model=_hub_id(model), allocation=report.allocation,
-                   diagnostics=dict(report.diagnostics))
+                   diagnostics=dict(report.diagnostics), inventory=report.inventory)
 
     @property
     def method(self) -> str:
@@ -99,7 +100,7 @@ class PruningRecord:
     def report(self) -> PruningReport:
         return PruningReport(method=self.method, layers=list(self.layers), blocks=list(self.blocks),
                              seconds=self.seconds, allocation=self.allocation,
-                             diagnostics=dict(self.diagnostics))
+                             diagnostics=dict(self.diagnostics), inventory=self.inventory)
 
     @property
     def mean_sparsity(self) -> float:
@@ -138,6 +139,7 @@ class PruningRecord:
             "blocks": self.blocks,
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
+            **({"inventory": self.inventory} if self.inventory is not None else {}),
         })
 
     @classmethod
@@ -155,7 +157,8 @@ class PruningRecord:
                    seconds=float(data.get("seconds", 0.0)), diagnostics=dict(data.get("diagnostics") or {}),
                    calibration=dict(data.get("calibration") or {}),
                    perplexity=data.get("perplexity"), base_model=data.get("base_model"),
-                   library_version=data.get("library_version", "unknown"), allocation=data.get("allocation"))
+                   library_version=data.get("library_version", "unknown"), allocation=data.get("allocation"),
+                   inventory=data.get("inventory"))
 
 
 def _finite(value: Optional[float]) -> Optional[float]:
