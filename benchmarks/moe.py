@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     if args.resume and os.path.isfile(output):
         with open(output, encoding="utf-8") as f:
             previous = json.load(f)
-        if previous.get("settings") == settings:
+        earlier = copy.deepcopy(previous.get("settings") or {})
+        (earlier.get("evaluation") or {}).pop("windows", None)  # derived from max_windows, added below
+        if earlier == settings:
             result["runs"] = previous["runs"]
             result["earlier_commands"] = previous.get("earlier_commands", []) + [previous.get("command")]
         else:

@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .utils import forward_batches
+
 __all__ = ["upcycle_to_mixtral", "spherical_kmeans", "centred_router", "routing_counts"]
 
 logger = logging.getLogger(__name__)
@@ -123,13 +125,7 @@ def _ffn_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int, max_
     handles = [layer.mlp.register_forward_pre_hook(
         lambda module, args, i=i: inputs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).to("cpu")))
         for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="Upcycling: FFN inputs", disable=not progress):
-            model(input_ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_batches(model, input_ids, batch_size, handles, "Upcycling: FFN inputs", progress)
     generator = torch.Generator().manual_seed(seed)
     out = []
     for chunks in inputs:

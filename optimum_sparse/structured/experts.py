@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
-
 from ..engine.architectures import find_blocks, get_architecture
 from ..engine.block import LayerReport
 from ..engine.sequential import PruningReport
+from ..utils import forward_batches
 from .shrink import count_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -218,15 +217,7 @@ def collect_expert_stats(model: nn.Module, plan: ExpertPlan, input_ids: torch.Te
         return fn
 
     handles = [layer.experts.register_forward_hook(hook(s), with_kwargs=True) for layer, s in zip(plan.layers, stats)]
-    device = model.get_input_embeddings().weight.device
-    if device.type == "meta":  # offloaded embeddings: accelerate moves the inputs
-        device = torch.device("cpu")
-    try:
-        for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="Scoring experts", disable=not progress):
-            model(input_ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_batches(model, input_ids, batch_size, handles, "Scoring experts", progress)
     return stats
 
 
