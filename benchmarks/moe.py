@@ -44,11 +44,12 @@ logger = logging.getLogger("benchmarks.moe")
 # SparseGPT first, SparseLLM last (slowest): a grid cut short keeps the cheaper comparisons
 # (on the fresh upcycled model the experts are equal copies, so removing some is lossless; after a routed pruning run
 # they differ, and the removal criteria are compared there)
-RUNS = (["dense", "upcycled", "experts-25%-contribution", "experts-50%-contribution", "sparsegpt-50%-routed"]
-        + [f"experts-{f}-{c}@sparsegpt-50%-routed" for f in ("25%", "50%") for c in ("contribution", "frequency")]
-        + ["sparsegpt-50%-pooled"]
-        + [f"sparsegpt-{s}-{stats}" for s in ("70%", "2:4") for stats in ("routed", "pooled")]
-        + [f"sparsellm-{s}-{stats}" for s in ("50%", "70%", "2:4") for stats in ("routed", "pooled")])
+RUNS = (["dense", "upcycled", "experts-25%-contribution", "sparsegpt-50%-routed"]
+        + [f"experts-50%-{c}@sparsegpt-50%-routed" for c in ("contribution", "frequency")]
+        + [f"sparsegpt-{s}-{stats}" for s in ("50%", "2:4", "70%") for stats in ("pooled", "routed")
+           if (s, stats) != ("50%", "routed")]
+        + ["experts-50%-contribution"]
+        + [f"sparsellm-{s}-{stats}" for s in ("50%", "2:4", "70%") for stats in ("routed", "pooled")])
 
 
 def build_parser() -> argparse.ArgumentParser:
