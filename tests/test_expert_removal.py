@@ -187,3 +187,22 @@ def test_dense_model_is_refused():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PruningConfig(**kwargs)
+
+
+def test_cli_removes_experts(tmp_path, tokenizer, capsys):
+    from optimum_sparse.cli.main import main
+
+    from .helpers import SENTENCES
+
+    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(SENTENCES * 20))
+    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "expert-removal", "--structure", "experts",
+                 "--sparsity", "0.5", "--method-kwargs", '{"criterion": "mass"}', "--num-samples", "4",
+                 "--seq-len", "16", "--dataset", str(text), "--output", str(tmp_path / "out")])
+    assert code == 0
+    assert "of the prunable parameters" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.num_experts == 2
+    assert loaded.model.layers[1].mlp.gate.weight.shape == (2, 32)
