@@ -143,7 +143,7 @@ def test_expert_statistics_equal_hand_routing():
     torch.testing.assert_close(stats.contribution.float(), contribution, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("criterion", ["contribution", "mass", "frequency"])
+@pytest.mark.parametrize("criterion", ["contribution", "mass", "frequency", "reconstruction"])
 def test_an_expert_never_routed_is_removed_and_outputs_do_not_change(criterion):
     model = make_moe("gpt_oss")  # its router has a bias: expert 2 can never be in a token's top-2
     ids = make_ids()
@@ -162,6 +162,7 @@ def test_an_expert_never_routed_is_removed_and_outputs_do_not_change(criterion):
     ("mixtral", dict(sparsity=0.75), "num_experts_per_tok"),
     ("mixtral", dict(sparsity=0.1), "removes none"),
     ("deepseek_v3", dict(sparsity=0.125), "groups"),
+    ("deepseek_v3", dict(sparsity=0.5, method_kwargs={"criterion": "reconstruction"}), "one at a time"),
 ])
 def test_refused_before_any_change(model_type, kwargs, match):
     model = make_moe(model_type)
@@ -206,3 +207,38 @@ def test_cli_removes_experts(tmp_path, tokenizer, capsys):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert loaded.config.num_experts == 2
     assert loaded.model.layers[1].mlp.gate.weight.shape == (2, 32)
+
+
+def test_reconstruction_removes_the_expert_whose_loss_changes_the_block_output_least():
+    model = make_moe("mixtral")
+    ids = make_ids()
+    layer = model.model.layers[0].mlp
+    captured = []
+    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    dense = _logits(model, ids)
+    handle.remove()
+    x = torch.cat(captured)
+    with torch.no_grad():
+        full = layer(x)
+    errors = []
+    for e in range(4):  # brute force: drop expert e (its router row with it) and re-run the stock module
+        pruned = AutoModelForCausalLM.from_config(model.config)
+        pruned.load_state_dict(model.state_dict())
+        keep = [k for k in range(4) if k != e]
+        moe = pruned.model.layers[0].mlp
+        with torch.no_grad():
+            moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[keep])
+            moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[keep])
+            moe.gate.weight = torch.nn.Parameter(moe.gate.weight[keep])
+            moe.experts.num_experts = moe.gate.num_experts = 3
+            errors.append(float((moe(x) - full).pow(2).sum() / full.pow(2).sum()))
+    pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
+    pruner.apply(model, dataset=ids, progress=False)
+    block = pruner.report.blocks[0]
+    best = min(range(4), key=lambda e: errors[e])
+    assert block["removed_experts"] == [best]
+    assert block["reconstruction_path"][0][0] == best
+    assert block["reconstruction_path"][0][1] == pytest.approx(errors[best], rel=1e-4)
+    torch.testing.assert_close(torch.tensor(block["scores"], dtype=torch.float64), -torch.tensor(errors, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-9)
+    assert not torch.equal(_logits(model, ids), dense)

@@ -5,7 +5,10 @@ Scores, per expert of one MoE block, from the calibration statistics (`optimum_s
 - `"contribution"` (default): `Σ_t ‖w_te · E_e(x_t)‖₂`, the norm the expert adds to the block output over the
   calibration tokens: its routed-token mass `Σ_t w_te` times its mass-weighted mean output norm;
 - `"mass"`: `Σ_t w_te`, the routing weight it receives;
-- `"frequency"`: the number of tokens routed to it.
+- `"frequency"`: the number of tokens routed to it;
+- `"reconstruction"`: greedy, the expert whose removal (after those already removed, tokens re-routed by the router)
+  changes the MoE module's output least on the calibration inputs goes first; run by the engine with the module's
+  own forward (`optimum_sparse.structured.experts.reconstruction_choice`), not with group-limited routing.
 
 The `round(sparsity · E)` lowest-scoring experts of every MoE block are removed (the same count in every block, so the
 stock config's single expert count describes the model); with group-limited routing (DeepSeek-V3 `n_group`) the same
@@ -26,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ExpertRemoval", "CRITERIA"]
 
-CRITERIA = ("contribution", "mass", "frequency")
+CRITERIA = ("contribution", "mass", "frequency", "reconstruction")
 
 
 @register_method

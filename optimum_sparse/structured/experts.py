@@ -20,6 +20,7 @@ out of the fused expert parameters and the router, and the config's expert count
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -66,6 +67,8 @@ class MoELayer:
     moe: nn.Module  # the module holding both (e.g. `mlp`)
     num_experts: int
     num_groups: int = 1  # group-limited routing (DeepSeek-V3 `n_group`)
+    experts_attr: str = "experts"  # attribute names of the experts module and the router inside `moe`
+    router_attr: str = "gate"
 
 
 @dataclass
@@ -132,7 +135,8 @@ def _find_moe(block: nn.Module, prefix: str, index: int) -> Optional[MoELayer]:
     groups = int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1)
     return MoELayer(index=index, name=f"{prefix}.{name}", experts=experts, router=router,
                     router_name=f"{prefix}.{parent_name}.{router_name}" if parent_name else f"{prefix}.{router_name}",
-                    moe=moe, num_experts=num_experts, num_groups=groups)
+                    moe=moe, num_experts=num_experts, num_groups=groups, experts_attr=name.rpartition(".")[2],
+                    router_attr=router_name)
 
 
 def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan:
@@ -167,6 +171,10 @@ def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan
         raise ValueError(f"Removing {remove} of {num_experts} experts leaves {kept}, fewer than num_experts_per_tok="
                          f"{top_k} (each token's experts); lower PruningConfig.sparsity.")
     for layer in layers:
+        if layer.num_groups > 1 and config.method_kwargs.get("criterion") == "reconstruction":
+            raise ValueError(f"{layer.router_name}: the 'reconstruction' criterion removes experts one at a time, which "
+                             "group-limited routing cannot run (unequal groups); use 'contribution', 'mass' or "
+                             "'frequency'.")
         if layer.num_groups > 1:
             if remove % layer.num_groups:
                 raise ValueError(f"{layer.router_name}: routing picks among {layer.num_groups} expert groups; remove a "
@@ -207,16 +215,26 @@ def _accumulate(experts: nn.Module, stats: ExpertStats, hidden: torch.Tensor, in
 
 @torch.no_grad()
 def collect_expert_stats(model: nn.Module, plan: ExpertPlan, input_ids: torch.Tensor, batch_size: int = 8,
-                         progress: bool = True) -> list[ExpertStats]:
-    """Per-expert statistics of every MoE block (`plan.layers` order) from one pass of `input_ids` through `model`."""
+                         progress: bool = True, moe_inputs: Optional[list] = None) -> list[ExpertStats]:
+    """Per-expert statistics of every MoE block (`plan.layers` order) from one pass of `input_ids` through `model`.
+
+    `moe_inputs`: a list to fill with, per MoE block, the list of its MoE module's input batches (on the CPU).
+    """
     stats = [ExpertStats.zeros(layer.num_experts) for layer in plan.layers]
+    handles = []
+    if moe_inputs is not None:
+        moe_inputs.extend([] for _ in plan.layers)
+        for layer, store in zip(plan.layers, moe_inputs):
+            handles.append(layer.moe.register_forward_pre_hook(
+                lambda module, args, kwargs, store=store: store.append(
+                    (args[0] if args else next(iter(kwargs.values()))).detach().to("cpu")), with_kwargs=True))
 
     def hook(layer_stats):
         def fn(module, args, kwargs, output):
             _accumulate(module, layer_stats, *_routing(module, args, kwargs))
         return fn
 
-    handles = [layer.experts.register_forward_hook(hook(s), with_kwargs=True) for layer, s in zip(plan.layers, stats)]
+    handles += [layer.experts.register_forward_hook(hook(s), with_kwargs=True) for layer, s in zip(plan.layers, stats)]
     forward_batches(model, input_ids, batch_size, handles, "Scoring experts", progress)
     return stats
 
@@ -253,6 +271,45 @@ def remove_experts(layer: MoELayer, keep: torch.Tensor) -> list[str]:
     return sliced
 
 
+def _moe_output(moe: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    out = moe(x.to(device))
+    return (out[0] if isinstance(out, (tuple, list)) else out).to("cpu", torch.float64)
+
+
+@torch.no_grad()
+def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Greedy reconstruction criterion: removes, one at a time, the expert whose removal (with the others already
+    removed; the router re-routes their tokens) changes the MoE module's output least, relative error
+    `Σ‖y_S − y‖² / Σ‖y‖²` over the calibration inputs, computed with the module's own forward on a pruned copy.
+
+    Returns `(kept experts, each expert's error when removed alone (the scores, negated: higher = keep),
+    [(expert, error after removing it), ...] in removal order)`.
+    """
+    device = layer.experts.gate_up_proj.device
+    full = [_moe_output(layer.moe, x, device) for x in inputs]
+    energy = sum(float(y.pow(2).sum()) for y in full)
+
+    def error(removed: list) -> float:
+        moe = copy.deepcopy(layer.moe)
+        clone = MoELayer(layer.index, layer.name, getattr(moe, layer.experts_attr), getattr(moe, layer.router_attr),
+                         layer.router_name, moe, layer.num_experts, layer.num_groups)
+        keep = torch.tensor([e for e in range(layer.num_experts) if e not in removed])
+        remove_experts(clone, keep)
+        diff = sum(float((_moe_output(moe, x, device) - y).pow(2).sum()) for x, y in zip(inputs, full))
+        return diff / energy if energy > 0 else 0.0
+
+    alone = torch.tensor([error([e]) for e in range(layer.num_experts)], dtype=torch.float64)
+    removed, path = [], []
+    for step in range(remove):
+        candidates = [e for e in range(layer.num_experts) if e not in removed]
+        errors = alone[candidates].tolist() if step == 0 else [error(removed + [e]) for e in candidates]
+        best = min(range(len(candidates)), key=lambda i: (errors[i], -candidates[i]))
+        removed.append(candidates[best])
+        path.append((candidates[best], errors[best]))
+    keep = torch.tensor(sorted(set(range(layer.num_experts)) - set(removed)), dtype=torch.long)
+    return keep, -alone, path
+
+
 def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
                        progress: bool = True, plan: Optional[ExpertPlan] = None) -> tuple[PruningReport, dict]:
     """Scores and removes experts in place; returns `(report, summary)` (`summary` is also stored as
@@ -267,13 +324,23 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
     prunable_before = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
     was_training = model.training
     model.eval()
+    reconstruction = method.criterion == "reconstruction"
+    moe_inputs: Optional[list] = [] if reconstruction else None
+    paths = [None] * len(plan.layers)
     try:
-        stats = collect_expert_stats(model, plan, input_ids, config.batch_size, progress)
+        stats = collect_expert_stats(model, plan, input_ids, config.batch_size, progress, moe_inputs)
+        if reconstruction:
+            decisions = []
+            for i, (layer, inputs) in enumerate(zip(plan.layers, moe_inputs)):
+                keep, scores, paths[i] = reconstruction_choice(layer, inputs, plan.remove)
+                decisions.append((keep, scores))
+                inputs.clear()
+        else:
+            decisions = [method.select_experts(s, plan.remove, layer.num_groups) for layer, s in zip(plan.layers, stats)]
     finally:
         model.train(was_training)
-    decisions = [method.select_experts(s, plan.remove, layer.num_groups) for layer, s in zip(plan.layers, stats)]
     report = PruningReport(method=config.method)
-    for layer, s, (keep, scores) in zip(plan.layers, stats, decisions):
+    for layer, s, (keep, scores), path in zip(plan.layers, stats, decisions, paths):
         old_shapes = {n: tuple(p.shape) for n, p in _expert_tensors(model, layer)}
         removed = sorted(set(range(layer.num_experts)) - set(keep.tolist()))
         sliced = remove_experts(layer, keep)
@@ -284,7 +351,8 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
                     "removed_fraction": 1.0 - tensor.numel() / torch.Size(old_shapes[name]).numel()}))
         report.blocks.append({"index": layer.index, "experts": layer.name, "router": layer.router_name,
                               "removed_experts": removed, "kept_experts": keep.sort().values.tolist(),
-                              "scores": scores.tolist(), **s.to_dict()})
+                              "scores": scores.tolist(), **s.to_dict(),
+                              **({"reconstruction_path": [[e, err] for e, err in path]} if path else {})})
     setattr(model.config, plan.count_field, plan.kept)
     params_after = count_parameters(model)
     prunable_after = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
