@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruning_config.json"
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
-# structured pruning: whole MLP channels and/or attention heads (KV groups) removed, the model shrinks
-STRUCTURED = ("channels", "heads", "channels+heads")
+# structured pruning: whole MLP channels and/or attention heads (KV groups), or whole experts removed; the model shrinks
+STRUCTURED = ("channels", "heads", "channels+heads", "experts")
 
 
 _DEFAULT_SPARSITY = 0.5
@@ -71,7 +71,8 @@ class PruningConfig:
             `"channels"`, `"heads"` or `"channels+heads"`: structured pruning with a structured method
             (`"structprune"`, `"flap"`, `"wanda-structured"`, `"magnitude-structured"`): whole MLP channels and/or
             attention heads (under GQA whole KV groups with their query heads) are removed and the linears shrink;
-            see docs/structured.md.
+            see docs/structured.md. `"experts"` with method `"expert-removal"`: whole experts of every MoE block are
+            removed (`sparsity` is then the fraction of experts removed per block); see docs/moe.md.
         dataset (`str`, defaults to `"wiki-offline"`):
             Calibration source when `SparsePruner.apply` gets no `dataset`: `"wiki-offline"` (bundled Wikipedia
             text), `"wikitext2"`, `"c4"`, `"ptb"`, any `datasets` name, or a local `.txt`/`.jsonl` file.
@@ -233,7 +234,8 @@ class PruningConfig:
 
     @property
     def is_structured(self) -> bool:
-        """Whether whole channels/heads are removed (`structure` in `"channels"`, `"heads"`, `"channels+heads"`)."""
+        """Whether whole channels/heads/experts are removed (`structure` in `"channels"`, `"heads"`, `"channels+heads"`,
+        `"experts"`)."""
         return self.structure in STRUCTURED
 
     def to_dict(self) -> dict[str, Any]:

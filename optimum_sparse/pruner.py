@@ -41,7 +41,7 @@ def _check_nm_sparsity_for(model: nn.Module, config: PruningConfig, sparsity_for
 
 
 def _validate(model: nn.Module, config: PruningConfig) -> None:
-    """Structured runs: the pre-run checks over every linear of the decoder blocks."""
+    """Structured runs (expert removal included): the pre-run checks over every linear of the decoder blocks."""
     from .engine.architectures import find_blocks, get_architecture
     from .engine.linears import is_linear
 
@@ -129,7 +129,9 @@ class SparsePruner:
             )
         self.allocation = None
         started = time.perf_counter()  # one clock for the log line, the report, the record and the card
-        if self.config.is_structured:
+        if self.config.structure == "experts":
+            input_ids = self._remove_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress)
+        elif self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
             if sparsity_for is not None:
@@ -186,6 +188,20 @@ class SparsePruner:
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
         attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too
         return model
+
+    def _remove_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
+        """Whole-expert removal (`structure="experts"`, `optimum_sparse.structured.experts`); returns the calibration."""
+        from .structured.experts import plan_expert_removal, run_expert_removal
+
+        if sparsity_for is not None or checkpoint_dir is not None:
+            raise ValueError("structure='experts' removes the same number of experts per MoE block in one pass: "
+                             "sparsity_for and checkpoint_dir/resume do not apply.")
+        _validate(model, self.config)
+        plan = plan_expert_removal(model, self.config)  # every check before any change
+        input_ids = self.prepare_calibration(model, tokenizer, dataset)
+        self.report, self.structured_summary = run_expert_removal(model, self.method, self.config, input_ids,
+                                                                  progress, plan=plan)
+        return input_ids
 
     def _record_for(self, model: Optional[nn.Module] = None) -> PruningRecord:
         record = self.record or getattr(model, "pruning_record", None)

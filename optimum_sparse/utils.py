@@ -1,4 +1,4 @@
-"""Small helpers shared across the package: atomic writes and module-name matching."""
+"""Small helpers shared across the package: atomic writes, module-name matching, hooked calibration passes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Iterable, Union
 
 import torch.nn as nn
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any", "show_progress"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any", "show_progress", "forward_batches"]
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -60,3 +60,21 @@ def matches_any(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
         elif name == pattern or name.endswith("." + pattern):
             return True
     return False
+
+
+def forward_batches(model: nn.Module, input_ids, batch_size: int, handles: list, desc: str, progress: bool = True) -> None:
+    """Runs `model` on `input_ids` `[n, L]` in batches of `batch_size` rows (no cache, no gradients) and removes the
+    hook `handles` afterwards, whatever happens; the hooks collect what the caller needs."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":  # offloaded embeddings: accelerate moves the inputs
+        device = torch.device("cpu")
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, disable=not progress):
+                model(input_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

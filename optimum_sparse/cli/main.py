@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Fraction of the pruned layers' weights set to zero, in [0, 1) (N:M: leave it, N/M is used).")
     prune.add_argument("--structure", default="unstructured",
                        help="'unstructured', N:M (e.g. 2:4), or structured: 'channels', 'heads', 'channels+heads' "
-                            "(with --method structprune, flap, wanda-structured or magnitude-structured).")
+                            "(with --method structprune, flap, wanda-structured or magnitude-structured), 'experts' "
+                            "(with --method expert-removal: --sparsity is the fraction of experts removed per block).")
     prune.add_argument("--multiple-of", type=int, default=8,
                        help="Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for GPUs).")
     prune.add_argument("--dataset", default="wiki-offline", help="Calibration source (name, .txt/.jsonl path).")

@@ -246,6 +246,14 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         summary = (f"This model is {what} structurally pruned after training with **{c.method}** ({c.structure}): "
                    f"{_pct(c.sparsity)} of the prunable block parameters removed, a smaller dense model; per-linear "
                    "'sparsity' below is the fraction of the linear's parameters removed.")
+    experts = (record.diagnostics or {}).get("expert_removal")
+    if experts:
+        summary = (f"This model is {what} with whole experts removed after training by optimum-sparse (**{c.method}**, "
+                   f"criterion `{experts['criterion']}`): {experts['removed_per_block']} of {experts['experts_before']} "
+                   f"experts in each of its {len(experts['moe_blocks'])} MoE blocks, {experts['experts_after']} left "
+                   f"(`{experts['config_field']}`), {_pct(experts['achieved_model_fraction'])} of the model's "
+                   "parameters; the removed experts of each block are listed in `pruning_report.json`. Per-tensor "
+                   "'sparsity' below is the fraction of the tensor removed.")
     layer_patterns = (record.allocation or {}).get("patterns") or {}  # N:M allocation: the layer's "N_i:M"
     rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape),
              "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity))

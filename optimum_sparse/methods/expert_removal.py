@@ -1,0 +1,88 @@
+"""Whole-expert removal of mixture-of-experts models (`structure="experts"`): which experts of a block to keep.
+
+Scores, per expert of one MoE block, from the calibration statistics (`optimum_sparse.structured.experts.ExpertStats`):
+
+- `"contribution"` (default): `Σ_t ‖w_te · E_e(x_t)‖₂`, the norm the expert adds to the block output over the
+  calibration tokens: its routed-token mass `Σ_t w_te` times its mass-weighted mean output norm;
+- `"mass"`: `Σ_t w_te`, the routing weight it receives;
+- `"frequency"`: the number of tokens routed to it;
+- `"reconstruction"`: greedy, the expert whose removal (after those already removed, tokens re-routed by the router)
+  changes the MoE module's output least on the calibration inputs goes first; run by the engine with the module's
+  own forward (`optimum_sparse.structured.experts.reconstruction_choice`), not with group-limited routing.
+
+The `round(sparsity · E)` lowest-scoring experts of every MoE block are removed (the same count in every block, so the
+stock config's single expert count describes the model); with group-limited routing (DeepSeek-V3 `n_group`) the same
+number is removed from every group. Ties go to the lower index. The engine is `optimum_sparse.structured.experts`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .base import PruningMethod, register_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+    from ..structured.experts import ExpertStats
+
+__all__ = ["ExpertRemoval", "CRITERIA"]
+
+CRITERIA = ("contribution", "mass", "frequency", "reconstruction")
+
+
+@register_method
+class ExpertRemoval(PruningMethod):
+    """Removes whole experts of every MoE block by a calibration criterion (`method_kwargs["criterion"]`)."""
+
+    name = "expert-removal"
+    stats = "norms"
+    structured: ClassVar[bool] = True
+    allowed_kwargs: ClassVar[tuple] = ("criterion",)
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        if config.structure != "experts":
+            raise ValueError(f"PruningConfig.structure must be 'experts' for method {config.method!r}, "
+                             f"got {config.structure!r}.")
+        unknown = sorted(set(config.method_kwargs) - set(cls.allowed_kwargs))
+        if unknown:
+            raise ValueError(f"PruningConfig.method_kwargs: unknown keys {unknown} for method {config.method!r}; "
+                             f"allowed: {list(cls.allowed_kwargs)}.")
+        criterion = config.method_kwargs.get("criterion", CRITERIA[0])
+        if criterion not in CRITERIA:
+            raise ValueError(f"PruningConfig.method_kwargs['criterion'] must be one of {list(CRITERIA)}, "
+                             f"got {criterion!r}.")
+        if config.allocation != "uniform" or config.layer_sparsity:
+            raise ValueError("PruningConfig.structure='experts' removes the same number of experts from every MoE "
+                             "block (one expert count in the config); allocation must be 'uniform', no layer_sparsity.")
+        if not config.sparsity > 0:
+            raise ValueError("PruningConfig.sparsity is the fraction of experts removed per MoE block; it must be > 0.")
+
+    @property
+    def criterion(self) -> str:
+        return self.config.method_kwargs.get("criterion", CRITERIA[0])
+
+    def expert_scores(self, stats: "ExpertStats") -> torch.Tensor:
+        """Per-expert scores `[E]` (float64, higher = keep)."""
+        return {"contribution": stats.contribution, "mass": stats.mass, "frequency": stats.tokens}[self.criterion]
+
+    def select_experts(self, stats: "ExpertStats", remove: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(kept expert indices sorted, scores)`: the `remove` lowest-scoring experts go, `remove / groups`
+        from each of `groups` consecutive equal groups."""
+        scores = self.expert_scores(stats).to(torch.float64)
+        num = scores.numel()
+        if remove % groups or num % groups:
+            raise ValueError(f"Cannot remove {remove} of {num} experts equally from {groups} groups.")
+        size, per_group = num // groups, remove // groups
+        keep = []
+        for g in range(groups):
+            part = scores[g * size:(g + 1) * size]
+            # stable: equal scores keep the lower index
+            order = sorted(range(size), key=lambda i: (float(part[i]), -i))
+            keep += [g * size + i for i in order[per_group:]]
+        return torch.tensor(sorted(keep), dtype=torch.long), scores
+
+    def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - experts are removed whole
+        raise TypeError("expert-removal removes whole experts; it runs through SparsePruner.apply.")

@@ -1,0 +1,381 @@
+"""Whole-expert removal (`PruningConfig(structure="experts")`): the lowest-scoring experts of every MoE block are cut
+out of the fused expert parameters and the router, and the config's expert count is updated.
+
+1. Plan (every check before any change): in every decoder block, the module holding fused 3-D expert parameters
+   (`gate_up_proj [E, ...]`, `down_proj [E, ...]`, their biases) and the router beside it (`gate` / `router`, weight
+   `[E, d]`); the same `E` everywhere; `round(sparsity · E)` experts to remove per block, at least one, leaving at least
+   `num_experts_per_tok` (and, for group-limited routing such as DeepSeek-V3's, the same count from every group).
+2. Scores: one pass of the calibration windows through the model; a hook on each experts module reads the routing the
+   model itself computed (token → experts, weights) and re-runs the module's own forward per expert with every other
+   routing weight set to zero, which yields that expert's weighted output `w_te · E_e(x_t)` without re-implementing
+   the model. Per expert: tokens routed, routed mass `Σ_t w_te`, and the contribution `Σ_t ‖w_te · E_e(x_t)‖₂`
+   (the routed mass times the mass-weighted mean output norm). The method (`optimum_sparse.methods.expert_removal`)
+   turns them into the kept experts.
+3. Removal: every parameter and buffer of the experts module and the router whose first dimension is `E` is sliced
+   to the kept experts in their original order (router rows, router bias, `e_score_correction_bias`, expert biases),
+   which renumbers the router's outputs; modules' `num_experts`-like attributes and the config's expert count
+   (`num_local_experts`, `num_experts`, `n_routed_experts`, by model type) are updated. Every MoE block keeps the
+   same number of experts, so the stock config describes the model and stock `from_pretrained` reloads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+from ..engine.architectures import find_blocks, get_architecture
+from ..engine.block import LayerReport
+from ..engine.sequential import PruningReport
+from ..utils import forward_batches
+from .shrink import count_parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+
+__all__ = ["MoELayer", "ExpertStats", "ExpertPlan", "plan_expert_removal", "collect_expert_stats",
+           "remove_experts", "run_expert_removal", "EXPERT_COUNT_FIELDS"]
+
+logger = logging.getLogger(__name__)
+
+# config field holding the routed-expert count, by model type (others: the first of these names the config has)
+EXPERT_COUNT_FIELDS = {
+    "mixtral": "num_local_experts", "granitemoe": "num_local_experts", "granitemoeshared": "num_local_experts",
+    "phimoe": "num_local_experts", "gpt_oss": "num_local_experts", "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_experts", "qwen3_next": "num_experts", "olmoe": "num_experts",
+    "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+}
+_COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts")
+_ROUTER_NAMES = ("gate", "router")
+_FUSED = ("gate_up_proj", "down_proj")
+
+
+@dataclass
+class MoELayer:
+    """One MoE block: its experts module, router, and where they sit."""
+
+    index: int
+    name: str  # full name of the experts module
+    experts: nn.Module
+    router: nn.Module
+    router_name: str
+    moe: nn.Module  # the module holding both (e.g. `mlp`)
+    num_experts: int
+    num_groups: int = 1  # group-limited routing (DeepSeek-V3 `n_group`)
+    experts_attr: str = "experts"  # attribute names of the experts module and the router inside `moe`
+    router_attr: str = "gate"
+
+
+@dataclass
+class ExpertStats:
+    """Calibration statistics of one MoE block's experts (float64 sums).
+
+    Attributes:
+        tokens: tokens routed to each expert `[E]` (top-k slots counted).
+        mass: `Σ_t w_te`, the routing weight each expert received `[E]`.
+        contribution: `Σ_t ‖w_te · E_e(x_t)‖₂`, the norm each expert added to the block output `[E]`.
+    """
+
+    tokens: torch.Tensor
+    mass: torch.Tensor
+    contribution: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> "ExpertStats":
+        return cls(*(torch.zeros(num_experts, dtype=torch.float64) for _ in range(3)))
+
+    def to_dict(self) -> dict:
+        return {"tokens": [int(t) for t in self.tokens.tolist()], "mass": self.mass.tolist(),
+                "contribution": self.contribution.tolist()}
+
+
+@dataclass
+class ExpertPlan:
+    """Everything checked before any weight changes."""
+
+    layers: list
+    num_experts: int  # experts per MoE block before the removal
+    remove: int  # experts removed per MoE block
+    count_field: str
+    top_k: Optional[int]
+    skipped_blocks: list = field(default_factory=list)  # dense blocks (no experts), by index
+
+    @property
+    def kept(self) -> int:
+        return self.num_experts - self.remove
+
+
+def _find_moe(block: nn.Module, prefix: str, index: int) -> Optional[MoELayer]:
+    found = [(name, m) for name, m in block.named_modules()
+             if all(isinstance(m._parameters.get(p), torch.Tensor) and m._parameters[p].dim() == 3 for p in _FUSED)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(f"{prefix}: several fused expert modules ({[n for n, _ in found]}); expert removal expects one.")
+    name, experts = found[0]
+    num_experts = experts.gate_up_proj.shape[0]
+    parent_name = name.rpartition(".")[0]
+    moe = block.get_submodule(parent_name) if parent_name else block
+    routers = [(n, getattr(moe, n)) for n in _ROUTER_NAMES if isinstance(getattr(moe, n, None), nn.Module)]
+    routers = [(n, r) for n, r in routers if isinstance(getattr(r, "weight", None), torch.Tensor)
+               and r.weight.dim() == 2 and r.weight.shape[0] == num_experts]
+    if len(routers) != 1:
+        raise ValueError(f"{prefix}.{parent_name}: no router ('gate' or 'router' with a weight of {num_experts} rows) "
+                         "beside the experts; expert removal cannot renumber the routing.")
+    params = list(inspect.signature(experts.forward).parameters)
+    if len(params) < 3:
+        raise ValueError(f"{prefix}.{name} ({type(experts).__name__}): its forward takes no routing "
+                         "(hidden_states, indices, weights); expert removal does not support this layout yet.")
+    router_name, router = routers[0]
+    groups = int(getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1)
+    return MoELayer(index=index, name=f"{prefix}.{name}", experts=experts, router=router,
+                    router_name=f"{prefix}.{parent_name}.{router_name}" if parent_name else f"{prefix}.{router_name}",
+                    moe=moe, num_experts=num_experts, num_groups=groups, experts_attr=name.rpartition(".")[2],
+                    router_attr=router_name)
+
+
+def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan:
+    """Finds the MoE blocks and checks the removal is possible; raises `ValueError` (naming what) before any change."""
+    spec = get_architecture(model)
+    blocks = find_blocks(model, spec)
+    layers, dense = [], []
+    for index, block in enumerate(blocks):
+        layer = _find_moe(block, f"{spec.blocks}.{index}", index)
+        (layers.append(layer) if layer is not None else dense.append(index))
+    if not layers:
+        raise ValueError(f"PruningConfig.structure='experts': {type(model).__name__} has no fused expert parameters "
+                         f"({' / '.join(_FUSED)} [E, ...]) in its decoder blocks; it is not a mixture of experts.")
+    counts = {layer.num_experts for layer in layers}
+    if len(counts) != 1:
+        raise ValueError(f"MoE blocks have different expert counts {sorted(counts)}; expert removal expects one.")
+    num_experts = counts.pop()
+    mconfig = model.config
+    count_field = EXPERT_COUNT_FIELDS.get(mconfig.model_type)
+    if count_field is None:
+        count_field = next((n for n in _COUNT_NAMES if getattr(mconfig, n, None) == num_experts), None)
+    if count_field is None or getattr(mconfig, count_field, None) != num_experts:
+        raise ValueError(f"model_type={mconfig.model_type!r}: no config field holds the expert count {num_experts} "
+                         f"(looked for {list(_COUNT_NAMES)}); the reloaded model would not match.")
+    remove = round(config.sparsity * num_experts)
+    if remove < 1:
+        raise ValueError(f"PruningConfig.sparsity={config.sparsity} of {num_experts} experts removes none "
+                         f"(round({config.sparsity} × {num_experts}) = 0); use at least {0.5 / num_experts:.3f}.")
+    kept = num_experts - remove
+    top_k = getattr(mconfig, "num_experts_per_tok", None)
+    if top_k is not None and kept < top_k:
+        raise ValueError(f"Removing {remove} of {num_experts} experts leaves {kept}, fewer than num_experts_per_tok="
+                         f"{top_k} (each token's experts); lower PruningConfig.sparsity.")
+    for layer in layers:
+        if layer.num_groups > 1 and config.method_kwargs.get("criterion") == "reconstruction":
+            raise ValueError(f"{layer.router_name}: the 'reconstruction' criterion removes experts one at a time, which "
+                             "group-limited routing cannot run (unequal groups); use 'contribution', 'mass' or "
+                             "'frequency'.")
+        if layer.num_groups > 1:
+            if remove % layer.num_groups:
+                raise ValueError(f"{layer.router_name}: routing picks among {layer.num_groups} expert groups; remove a "
+                                 f"multiple of {layer.num_groups} experts (got {remove}) so every group stays equal.")
+            per_group = kept // layer.num_groups
+            topk_group = int(getattr(layer.router, "topk_group", 1) or 1)
+            if per_group < 2 or (top_k is not None and per_group * topk_group < top_k):
+                raise ValueError(f"{layer.router_name}: {per_group} experts per group left; group routing needs at "
+                                 f"least 2 and {topk_group} groups × {per_group} >= num_experts_per_tok={top_k}.")
+    return ExpertPlan(layers=layers, num_experts=num_experts, remove=remove, count_field=count_field, top_k=top_k, skipped_blocks=dense)
+
+
+def _routing(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
+    hidden, indices, weights = list(bound.arguments.values())[:3]
+    return hidden, indices, weights
+
+
+@torch.no_grad()
+def _accumulate(experts: nn.Module, stats: ExpertStats, hidden: torch.Tensor, indices: torch.Tensor,
+                weights: torch.Tensor) -> None:
+    """Adds one batch: for each expert, its tokens, routing mass and weighted output norms (the module's own forward
+    on the expert's tokens, routed to it alone (one slot) with its routing weight)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    indices = indices.reshape(hidden.shape[0], -1)
+    weights = weights.reshape(hidden.shape[0], -1)
+    for e in range(stats.tokens.numel()):
+        chosen = indices == e
+        rows = chosen.any(dim=1).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        weight = torch.where(chosen[rows], weights[rows], torch.zeros_like(weights[rows])).sum(dim=1, keepdim=True)
+        out = experts.forward(hidden[rows], torch.full_like(indices[rows][:, :1], e), weight)
+        stats.tokens[e] += float(chosen.sum())
+        stats.mass[e] += float(weight.to(torch.float64).sum())
+        stats.contribution[e] += float(out.to(torch.float64).norm(dim=-1).sum())
+
+
+@torch.no_grad()
+def collect_expert_stats(model: nn.Module, plan: ExpertPlan, input_ids: torch.Tensor, batch_size: int = 8,
+                         progress: bool = True, moe_inputs: Optional[list] = None) -> list[ExpertStats]:
+    """Per-expert statistics of every MoE block (`plan.layers` order) from one pass of `input_ids` through `model`.
+
+    `moe_inputs`: a list to fill with, per MoE block, the list of its MoE module's input batches (on the CPU).
+    """
+    stats = [ExpertStats.zeros(layer.num_experts) for layer in plan.layers]
+    handles = []
+    if moe_inputs is not None:
+        moe_inputs.extend([] for _ in plan.layers)
+        for layer, store in zip(plan.layers, moe_inputs):
+            handles.append(layer.moe.register_forward_pre_hook(
+                lambda module, args, kwargs, store=store: store.append(
+                    (args[0] if args else next(iter(kwargs.values()))).detach().to("cpu")), with_kwargs=True))
+
+    def hook(layer_stats):
+        def fn(module, args, kwargs, output):
+            _accumulate(module, layer_stats, *_routing(module, args, kwargs))
+        return fn
+
+    handles += [layer.experts.register_forward_hook(hook(s), with_kwargs=True) for layer, s in zip(plan.layers, stats)]
+    forward_batches(model, input_ids, batch_size, handles, "Scoring experts", progress)
+    return stats
+
+
+def _slice_first_dim(module: nn.Module, num_experts: int, keep: torch.Tensor) -> list[str]:
+    """Keeps rows `keep` of every direct parameter/buffer of `module` whose first dimension is `num_experts`."""
+    sliced = []
+    for name, param in list(module._parameters.items()):
+        if param is not None and param.dim() >= 1 and param.shape[0] == num_experts:
+            new = param.detach().index_select(0, keep.to(param.device)).contiguous()
+            setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
+            sliced.append(name)
+    for name, buffer in list(module._buffers.items()):
+        if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == num_experts:
+            module._buffers[name] = buffer.index_select(0, keep.to(buffer.device)).contiguous()
+            sliced.append(name)
+    return sliced
+
+
+@torch.no_grad()
+def remove_experts(layer: MoELayer, keep: torch.Tensor) -> list[str]:
+    """Keeps experts `keep` (indices, any order: kept sorted) of one MoE block; returns the sliced tensor names."""
+    keep = keep.to(torch.long).sort().values
+    old = layer.num_experts
+    sliced = [f"{layer.name}.{n}" for n in _slice_first_dim(layer.experts, old, keep)]
+    sliced += [f"{layer.router_name}.{n}" for n in _slice_first_dim(layer.router, old, keep)]
+    for module in layer.moe.modules():
+        for attribute in _COUNT_NAMES:
+            if getattr(module, attribute, None) == old and isinstance(getattr(module, attribute), int):
+                setattr(module, attribute, len(keep))
+    if getattr(layer.router, "out_features", None) == old:  # routers that are nn.Linear subclasses
+        layer.router.out_features = len(keep)
+    layer.num_experts = len(keep)
+    return sliced
+
+
+def _moe_output(moe: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    out = moe(x.to(device))
+    return (out[0] if isinstance(out, (tuple, list)) else out).to("cpu", torch.float64)
+
+
+@torch.no_grad()
+def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Greedy reconstruction criterion: removes, one at a time, the expert whose removal (with the others already
+    removed; the router re-routes their tokens) changes the MoE module's output least, relative error
+    `Σ‖y_S − y‖² / Σ‖y‖²` over the calibration inputs, computed with the module's own forward on a pruned copy.
+
+    Returns `(kept experts, each expert's error when removed alone (the scores, negated: higher = keep),
+    [(expert, error after removing it), ...] in removal order)`.
+    """
+    device = layer.experts.gate_up_proj.device
+    full = [_moe_output(layer.moe, x, device) for x in inputs]
+    energy = sum(float(y.pow(2).sum()) for y in full)
+
+    def error(removed: list) -> float:
+        moe = copy.deepcopy(layer.moe)
+        clone = MoELayer(layer.index, layer.name, getattr(moe, layer.experts_attr), getattr(moe, layer.router_attr),
+                         layer.router_name, moe, layer.num_experts, layer.num_groups)
+        keep = torch.tensor([e for e in range(layer.num_experts) if e not in removed])
+        remove_experts(clone, keep)
+        diff = sum(float((_moe_output(moe, x, device) - y).pow(2).sum()) for x, y in zip(inputs, full))
+        return diff / energy if energy > 0 else 0.0
+
+    alone = torch.tensor([error([e]) for e in range(layer.num_experts)], dtype=torch.float64)
+    removed, path = [], []
+    for step in range(remove):
+        candidates = [e for e in range(layer.num_experts) if e not in removed]
+        errors = alone[candidates].tolist() if step == 0 else [error(removed + [e]) for e in candidates]
+        best = min(range(len(candidates)), key=lambda i: (errors[i], -candidates[i]))
+        removed.append(candidates[best])
+        path.append((candidates[best], errors[best]))
+    keep = torch.tensor(sorted(set(range(layer.num_experts)) - set(removed)), dtype=torch.long)
+    return keep, -alone, path
+
+
+def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
+                       progress: bool = True, plan: Optional[ExpertPlan] = None) -> tuple[PruningReport, dict]:
+    """Scores and removes experts in place; returns `(report, summary)` (`summary` is also stored as
+    `model.config.structured_pruning`)."""
+    from .runner import SUMMARY_KEY
+
+    plan = plan or plan_expert_removal(model, config)
+    if input_ids is None:
+        raise ValueError(f"Method {config.method!r} needs calibration data.")
+    started = time.perf_counter()
+    params_before = count_parameters(model)
+    prunable_before = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
+    was_training = model.training
+    model.eval()
+    reconstruction = method.criterion == "reconstruction"
+    moe_inputs: Optional[list] = [] if reconstruction else None
+    paths = [None] * len(plan.layers)
+    try:
+        stats = collect_expert_stats(model, plan, input_ids, config.batch_size, progress, moe_inputs)
+        if reconstruction:
+            decisions = []
+            for i, (layer, inputs) in enumerate(zip(plan.layers, moe_inputs)):
+                keep, scores, paths[i] = reconstruction_choice(layer, inputs, plan.remove)
+                decisions.append((keep, scores))
+                inputs.clear()
+        else:
+            decisions = [method.select_experts(s, plan.remove, layer.num_groups) for layer, s in zip(plan.layers, stats)]
+    finally:
+        model.train(was_training)
+    report = PruningReport(method=config.method)
+    for layer, s, (keep, scores), path in zip(plan.layers, stats, decisions, paths):
+        old_shapes = {n: tuple(p.shape) for n, p in _expert_tensors(model, layer)}
+        removed = sorted(set(range(layer.num_experts)) - set(keep.tolist()))
+        sliced = remove_experts(layer, keep)
+        for name, tensor in _expert_tensors(model, layer):
+            if name in sliced:
+                report.layers.append(LayerReport(name=name, shape=tuple(tensor.shape), sparsity=0.0, extra={
+                    "original_shape": list(old_shapes[name]),
+                    "removed_fraction": 1.0 - tensor.numel() / torch.Size(old_shapes[name]).numel()}))
+        report.blocks.append({"index": layer.index, "experts": layer.name, "router": layer.router_name,
+                              "removed_experts": removed, "kept_experts": keep.sort().values.tolist(),
+                              "scores": scores.tolist(), **s.to_dict(),
+                              **({"reconstruction_path": [[e, err] for e, err in path]} if path else {})})
+    setattr(model.config, plan.count_field, plan.kept)
+    params_after = count_parameters(model)
+    prunable_after = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
+    summary = {
+        "structure": "experts", "method": config.method, "criterion": method.criterion,
+        "experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
+        "config_field": plan.count_field, "moe_blocks": [layer.index for layer in plan.layers],
+        "dense_blocks": plan.skipped_blocks, "model_params_before": params_before, "model_params_after": params_after,
+        "achieved_model_fraction": 1.0 - params_after / params_before,
+        # the experts modules' and routers' tensors: what the removal acts on
+        "achieved_prunable_fraction": 1.0 - prunable_after / prunable_before, "format": "stock",
+        "removed_experts": {layer.name: b["removed_experts"] for layer, b in zip(plan.layers, report.blocks)},
+    }
+    report.diagnostics["expert_removal"] = summary
+    report.seconds = time.perf_counter() - started
+    setattr(model.config, SUMMARY_KEY, summary)
+    logger.info("Removed %d of %d experts in each of %d MoE blocks (%s): %d -> %d parameters (%.2f%% of the model).",
+                plan.remove, plan.num_experts, len(plan.layers), method.criterion, params_before, params_after,
+                100 * summary["achieved_model_fraction"])
+    return report, summary
+
+
+def _expert_tensors(model: nn.Module, layer: MoELayer):
+    for prefix, module in ((layer.name, layer.experts), (layer.router_name, layer.router)):
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            yield f"{prefix}.{name}", tensor
