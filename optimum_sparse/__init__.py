@@ -5,7 +5,7 @@ import logging as _logging
 from .config import PruningConfig
 from .engine import CheckpointMismatchError, PruningReport, UnsupportedModelError
 from .data import CalibrationError
-from .eval import evaluate_perplexity
+from .eval import evaluate_perplexity, evaluate_tasks
 from .methods import available_methods, register_method
 from .models import load_model_and_tokenizer
 from .pruner import SparsePruner
@@ -25,6 +25,6 @@ def __getattr__(name):
 
 __all__ = [
     "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
-    "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
+    "evaluate_perplexity", "evaluate_tasks", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
     "merge_and_unload_sparse", "mask_lora_updates",
 ]

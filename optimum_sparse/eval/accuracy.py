@@ -16,12 +16,12 @@ from .wiki_mc import TASKS_DIR, WIKI_MC_TASK
 
 __all__ = [
     "STANDARD_TASKS", "OFFLINE_TASKS", "LM_EVAL_REQUIREMENT", "TaskResults", "evaluate_tasks", "run_tasks",
-    "resolve_tasks", "check_hub_reachable", "share_kept",
+    "resolve_tasks", "check_hub_reachable", "share_kept", "accuracy_table",
 ]
 
 logger = logging.getLogger(__name__)
 
-LM_EVAL_REQUIREMENT = "lm-eval>=0.4.9,<0.5"
+LM_EVAL_REQUIREMENT = "lm-eval>=0.4.13,<0.5"
 # The zero-shot set of the SparseGPT / Wanda / OWL papers.
 STANDARD_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 OFFLINE_TASKS = (WIKI_MC_TASK,)
@@ -194,3 +194,40 @@ def share_kept(dense: Optional[float], pruned: Optional[float]) -> Optional[floa
     if dense is None or pruned is None or not dense:
         return None
     return pruned / dense
+
+
+def _as_results(value: Union[TaskResults, dict, None]) -> Optional[TaskResults]:
+    if value is None or isinstance(value, TaskResults):
+        return value
+    if not isinstance(value, dict) or not all(isinstance(m, dict) for m in value.values()):
+        raise ValueError(f"Accuracy must be `run_tasks` results or `evaluate_tasks`'s {{task: {{metric: value}}}}, got {value!r}.")
+    return TaskResults(metrics=value)
+
+
+def accuracy_table(dense: Union[TaskResults, dict, None] = None, pruned: Union[TaskResults, dict, None] = None,
+                   num_fewshot: Optional[int] = None, limit: Optional[float] = None) -> dict:
+    """The accuracy table of the pruning record: per task the dense and pruned metrics, the share of dense kept
+    (pruned / dense, for each metric that has both), the task version and the item count; with `num_fewshot`,
+    `limit` and the lm-eval version. `dense`/`pruned` are `run_tasks` results or `evaluate_tasks` dicts (then pass
+    `num_fewshot`/`limit` here, as versions and item counts are unknown)."""
+    dense, pruned = _as_results(dense), _as_results(pruned)
+    runs = [r for r in (dense, pruned) if r is not None]
+    if not runs:
+        raise ValueError("record_accuracy needs at least one of `before` (dense) and `after` (pruned).")
+    shots = {r.num_fewshot for r in runs if r.lm_eval_version is not None}
+    limits = {r.limit for r in runs if r.lm_eval_version is not None}
+    if len(shots) > 1 or len(limits) > 1:
+        raise ValueError(f"Dense and pruned accuracy were measured differently (num_fewshot {shots}, limit {limits}).")
+    tasks = {}
+    for task in dict.fromkeys(t for r in runs for t in r.metrics):
+        d = dense.metrics.get(task) if dense else None
+        p = pruned.metrics.get(task) if pruned else None
+        share = {k: share_kept(d.get(k), v) for k, v in (p or {}).items()
+                 if d and not k.endswith("_stderr") and share_kept(d.get(k), v) is not None}
+        tasks[task] = {"dense": d, "pruned": p, "share_of_dense": share or None,
+                       "version": next((r.versions.get(task) for r in runs if r.versions.get(task) is not None), None),
+                       "items": next((r.samples.get(task) for r in runs if r.samples.get(task)), None)}
+    return {"tasks": tasks,
+            "num_fewshot": next(iter(shots)) if shots else num_fewshot,
+            "limit": next(iter(limits)) if limits else limit,
+            "lm_eval_version": next((r.lm_eval_version for r in runs if r.lm_eval_version), None)}
