@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
+from unittest import mock
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -116,6 +118,41 @@ def _clean_metrics(raw: dict) -> dict[str, float]:
     return out
 
 
+_EXPECTED_WARNINGS = (  # lm-eval's warnings about what we do on purpose (an in-memory model, our task's loader, 0-shot)
+    "`pretrained` model kwarg is not of type", "Passed an already-initialized model", "Custom kwargs can be passed",
+    "Overwriting default num_fewshot",
+)
+
+
+class _ExpectedWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in _EXPECTED_WARNINGS)
+
+
+@contextlib.contextmanager
+def _quiet_expected_warnings():
+    loggers = [logging.getLogger(n) for n in ("lm_eval.models.huggingface", "lm_eval.api.task", "lm_eval.evaluator")]
+    filt = _ExpectedWarnings()
+    for log in loggers:
+        log.addFilter(filt)
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.removeFilter(filt)
+
+
+def _without_env_dump():
+    """Skips lm-eval's environment dump (torch's collect_env runs `pip list` in a subprocess: 4-5 s per call, for
+    fields we do not keep; our record and benchmarks store their own provenance)."""
+    import lm_eval.evaluator as evaluator
+
+    if not hasattr(evaluator, "add_env_info"):
+        return contextlib.nullcontext()
+    return mock.patch.object(evaluator, "add_env_info", lambda results: None)
+
+
 def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Union[str, Sequence[str]] = (WIKI_MC_TASK,),
               num_fewshot: int = 0, limit: Optional[float] = None, batch_size: int = 8,
               max_length: Optional[int] = None) -> TaskResults:
@@ -143,9 +180,10 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Union[str, Sequence
     was_training = model.training
     started = time.perf_counter()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=1000)
+        with _quiet_expected_warnings(), _without_env_dump():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=1000)
     finally:
         model.train(was_training)
     results = TaskResults(

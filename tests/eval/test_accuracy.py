@@ -94,7 +94,7 @@ def _loglik(model, tokenizer, context, continuation):
     return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
 
-def test_evaluate_tasks_offline(wiki, long_model, tokenizer, monkeypatch):
+def test_evaluate_tasks_offline(wiki, long_model, tokenizer, monkeypatch, caplog):
     def no_network(*args, **kwargs):
         raise AssertionError("the offline task must not open a connection")
 
@@ -102,6 +102,7 @@ def test_evaluate_tasks_offline(wiki, long_model, tokenizer, monkeypatch):
     long_model.train()
     results = run_tasks(long_model, tokenizer, "wiki_offline_mc", limit=6, batch_size=4)
     assert long_model.training  # mode restored
+    assert "already-initialized" not in caplog.text and "Custom kwargs" not in caplog.text  # expected noise filtered
     metrics = results.metrics["wiki_offline_mc"]
     assert set(metrics) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert results.samples == {"wiki_offline_mc": 6}  # limit honoured
