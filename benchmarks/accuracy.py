@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -28,8 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's optimum_sparse
 from _common import (  # noqa: E402
     RESULTS_DIR, ModelBank, calibration_ids, command_line, configure, default_tag, evaluation_stream, git_info,
-    loadavg, machine_info, parse_setting, perplexity, setting_label, timed, write_json,
+    loadavg, machine_info, parse_setting, perplexity, resume_from, setting_label, timed, write_json,
 )
+from plot_accuracy import table as markdown_table  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -92,19 +92,6 @@ def accuracy_row(results, dense_metrics) -> dict:
     return out
 
 
-def markdown_table(results: dict) -> str:
-    task = results["settings"]["accuracy"]["tasks"][0]
-    lines = [f"| method | setting | perplexity | {task} acc ± stderr | acc_norm ± stderr | share of dense acc | prune s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        m = r["accuracy"][task]
-        share = m.get("acc_share_of_dense")
-        lines.append(f"| {r['method']} | {r['setting']} | {r['perplexity']:.2f} | {m['acc']:.3f} ± {m['acc_stderr']:.3f} | "
-                     f"{m['acc_norm']:.3f} ± {m['acc_norm_stderr']:.3f} | {'' if share is None else f'{share:.1%}'} | "
-                     f"{r['prune_seconds']:.0f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure(args.threads)
@@ -137,16 +124,8 @@ def main(argv=None) -> int:
     results = {"benchmark": "accuracy", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": command_line(), "git": git_info(), "machine": machine_info(args.device),
                "settings": settings, "runs": []}
-    if args.resume and os.path.isfile(output):
-        with open(output, encoding="utf-8") as f:
-            previous = json.load(f)
-        if previous.get("settings") == settings:
-            results["runs"] = previous["runs"]
-            results["created"] = previous.get("created", results["created"])
-            results["resumed_commands"] = previous.get("resumed_commands", []) + [previous.get("command")]
-            logger.info("Resuming: %d runs kept from %s.", len(results["runs"]), output)
-        else:
-            logger.warning("Not resuming: %s was made with other settings.", output)
+    if args.resume:
+        resume_from(output, results, logger)
     done = {(r["method"], r["setting"]): r for r in results["runs"]}
     dense = done.get(("dense", "dense"))
 

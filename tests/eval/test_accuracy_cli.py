@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-import urllib.error
 
 import pytest
 
 from optimum_sparse.cli.main import main
-from optimum_sparse.eval import accuracy as accuracy_module
 
 from ..helpers import SENTENCES, build_config
 
@@ -82,16 +80,8 @@ def test_eval_with_baseline(wiki, tmp_path, tokenizer, capsys):
     assert share in ("100.0%", "-")
 
 
-def test_eval_fails_fast_offline_and_without_the_extra(tmp_path, monkeypatch, capsys, caplog):
-    calls = []
-
-    def unreachable(request, timeout):
-        calls.append(timeout)
-        raise urllib.error.URLError("offline")
-
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(accuracy_module.urllib.request, "urlopen", unreachable)
+def test_eval_fails_fast_offline_and_without_the_extra(tmp_path, hub_unreachable, monkeypatch, caplog):
+    calls = hub_unreachable
     missing = str(tmp_path / "no-model")  # never loaded: the check comes first
     assert main(["eval", "--model", missing, "--tasks", "standard"]) == 2
     assert "not reachable" in caplog.text and calls == [3.0]
