@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=16)
     demo.add_argument("--seq-len", type=int, default=512)
     demo.add_argument("--eval-windows", type=int, default=20)
-    demo.add_argument("--eval-items", type=int, default=100,
+    demo.add_argument("--eval-items", type=int, default=50,
                       help="wiki_offline_mc items for the accuracy column (0: no accuracy; needs optimum-sparse[eval]).")
 
     for module in _EXTRA_COMMANDS:  # subcommands living in their own files (push, finetune, ...)
