@@ -23,7 +23,7 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 __all__ = [
     "REPO_ROOT", "RESULTS_DIR", "machine_info", "git_info", "command_line", "default_tag", "write_json",
     "PeakMemory", "ModelBank", "calibration_ids", "evaluation_stream", "perplexity", "parse_setting",
-    "setting_label", "loadavg", "timed", "configure",
+    "setting_label", "loadavg", "timed", "configure", "resume_from",
 ]
 
 
@@ -111,6 +111,21 @@ def loadavg() -> Optional[list]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover
         return None
+
+
+def resume_from(output: str, results: dict, logger) -> None:
+    """Keeps the runs of `output` in `results` when it was made with the same `settings` (logged either way)."""
+    if not os.path.isfile(output):
+        return
+    with open(output, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous.get("settings") != results["settings"]:
+        logger.warning("Not resuming: %s was made with other settings.", output)
+        return
+    results["runs"] = previous["runs"]
+    results["created"] = previous.get("created", results["created"])
+    results["resumed_commands"] = previous.get("resumed_commands", []) + [previous.get("command")]
+    logger.info("Resuming: %d runs kept from %s.", len(results["runs"]), output)
 
 
 def write_json(path: str, data: Any) -> None:

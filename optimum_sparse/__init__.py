@@ -8,7 +8,7 @@ from .errors import (
     CalibrationError, CheckpointMismatchError, DeviceUnavailableError, MetaTensorError, NonFiniteActivationError,
     NonFiniteWeightError, OptimumSparseError, OutputPathError, QuantizedWeightError, UnsupportedModelError,
 )
-from .eval import evaluate_perplexity
+from .eval import evaluate_perplexity, evaluate_tasks
 from .methods import available_methods, register_method
 from .models import load_model_and_tokenizer
 from .pruner import SparsePruner
@@ -30,6 +30,6 @@ __all__ = [
     "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
     "OptimumSparseError", "NonFiniteWeightError", "NonFiniteActivationError", "QuantizedWeightError", "MetaTensorError",
     "DeviceUnavailableError", "OutputPathError",
-    "evaluate_perplexity", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
+    "evaluate_perplexity", "evaluate_tasks", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
     "merge_and_unload_sparse", "mask_lora_updates",
 ]

@@ -226,6 +226,21 @@ class SparsePruner:
         """
         self._record_for().set_perplexity(before, after, dataset, seq_len, windows)
 
+    def record_accuracy(self, before: Any = None, after: Any = None, num_fewshot: Optional[int] = None,
+                        limit: Optional[float] = None) -> None:
+        """Records dense (`before`) and pruned (`after`) lm-eval accuracy for the saved record and the model card.
+
+        Args:
+            before: accuracy of the dense model, measured before `apply`: `optimum_sparse.eval.run_tasks` results
+                (they carry task versions, item counts and the lm-eval version) or an `evaluate_tasks` dict.
+            after: accuracy of the pruned model, in the same form.
+            num_fewshot: few-shot examples (only needed with `evaluate_tasks` dicts).
+            limit: items per task (only needed with `evaluate_tasks` dicts).
+        """
+        from .eval.accuracy import accuracy_table
+
+        self._record_for().set_accuracy(accuracy_table(before, after, num_fewshot, limit))
+
     def save_pretrained(self, model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None,
                         model_card: bool = True, overwrite: bool = False, **kwargs) -> str:
         """Saves the pruned model atomically: safetensors and `config.json` (`model.save_pretrained`), the tokenizer,

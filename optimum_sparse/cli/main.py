@@ -20,6 +20,7 @@ logger = logging.getLogger("optimum_sparse.cli")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Modules with `add_parser(subparsers)` (registering a subcommand whose parser sets `func=run`) and `run(args) -> int`.
+from . import eval as _accuracy  # noqa: E402
 from . import push as _push  # noqa: E402
 
 _EXTRA_COMMANDS: list = [_push]
@@ -102,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Push the pruned model (with its card) to this Hub repository (HF_TOKEN, HF_ENDPOINT).")
     prune.add_argument("--eval", action="store_true", help="Print dense vs pruned perplexity.")
     _add_eval_args(prune, default_windows=None)
+    _accuracy.add_accuracy_args(prune, "--eval-tasks")
 
-    ev = sub.add_parser("eval", help="Perplexity of a model on held-out text.",
+    ev = sub.add_parser("eval", help="Perplexity of a model on held-out text; accuracy on lm-eval tasks (--tasks).",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(ev)
     _add_eval_args(ev, default_windows=None)
+    _accuracy.add_eval_command_args(ev)
 
     demo = sub.add_parser("demo", help="Prune the bundled SmolLM2-135M on bundled Wikipedia text; print a table.",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-samples", type=int, default=16)
     demo.add_argument("--seq-len", type=int, default=512)
     demo.add_argument("--eval-windows", type=int, default=20)
+    demo.add_argument("--eval-items", type=int, default=50,
+                      help="wiki_offline_mc items for the accuracy column (0: no accuracy; needs optimum-sparse[eval]).")
 
     for module in _EXTRA_COMMANDS:  # subcommands living in their own files (push, finetune, ...)
         module.add_parser(sub)
@@ -138,9 +143,8 @@ def _disable_progress_bars() -> None:
         pass
 
 
-def _format_table(rows: list[tuple[str, str, str, str]]) -> str:
-    header = ("model", "sparsity", "perplexity", "prune time (s)")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+def _format_table(rows: list[tuple[str, ...]], header: tuple = ("model", "sparsity", "perplexity", "prune time (s)")) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
@@ -188,13 +192,15 @@ def _cmd_prune(args) -> int:
     pruner = SparsePruner(config)  # validated before the (slow) model load
     if args.output:
         check_output_dir(args.output, overwrite=args.overwrite)  # before hours of work, not after
-    elif not args.push_to_hub and not args.eval:
+    elif not args.push_to_hub and not args.eval and not args.tasks:
         raise OutputPathError("Nowhere to put the pruned model: give --output DIR and/or --push-to-hub REPO_ID (or "
-                              "--eval to only measure perplexity).")
+                              "--eval / --eval-tasks to only measure perplexity / accuracy).")
     else:
         logger.warning("No --output: the pruned model is %s.", "pushed from a temporary folder" if args.push_to_hub
                        else "discarded after the evaluation")
+    _accuracy.precheck(args)
     model, tokenizer = _load(args)
+    dense_acc = _accuracy.measure(model, tokenizer, args)
     rows = []
     evaluate = lambda: evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len,  # noqa: E731
                                            max_windows=args.eval_windows)
@@ -215,6 +221,10 @@ def _cmd_prune(args) -> int:
         pruner.record_perplexity(dense, pruned, args.eval_dataset, args.eval_seq_len, args.eval_windows)
         rows.append((config.method, label, f"{pruned:.3f}", f"{seconds:.1f}"))
         print(_format_table(rows))
+    pruned_acc = _accuracy.measure(model, tokenizer, args)
+    if pruned_acc is not None:
+        pruner.record_accuracy(dense_acc, pruned_acc)
+        print(_accuracy.format_accuracy_table(dense_acc, pruned_acc))
     from ..models import MODEL_ALIASES
     from ..hub.push import HubPushError, push_folder
 
@@ -236,9 +246,12 @@ def _cmd_prune(args) -> int:
 def _cmd_eval(args) -> int:
     from ..eval import evaluate_perplexity
 
+    _accuracy.precheck(args)
     model, tokenizer = _load(args)
-    ppl = evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len, max_windows=args.eval_windows)
-    print(f"perplexity ({args.eval_dataset}, {args.eval_seq_len}-token windows): {ppl:.3f}")
+    if not args.no_perplexity:
+        ppl = evaluate_perplexity(model, tokenizer, args.eval_dataset, args.eval_seq_len, max_windows=args.eval_windows)
+        print(f"perplexity ({args.eval_dataset}, {args.eval_seq_len}-token windows): {ppl:.3f}")
+    _accuracy.run_eval_accuracy(args, model, tokenizer, lambda name: _load(argparse.Namespace(**{**vars(args), "model": name})))
     return 0
 
 
@@ -251,20 +264,25 @@ def _cmd_demo(args) -> int:
     sparsity = {} if parse_structure(args.structure) else {"sparsity": args.sparsity}  # N:M: its own N/M
     configs = [PruningConfig(method=m, structure=args.structure, num_samples=args.num_samples, seq_len=args.seq_len,
                              **sparsity) for m in args.methods]
+    accuracy = _accuracy.demo_accuracy(args.eval_items)  # None: not measured (the reason is logged)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     evaluate = lambda: evaluate_perplexity(model, tokenizer, "wiki-offline", 512, max_windows=args.eval_windows)  # noqa: E731
-    rows = [("SmolLM2-135M dense", "0%", f"{evaluate():.3f}", "-")]
+    measure = (lambda: (accuracy(model, tokenizer),)) if accuracy else tuple  # noqa: E731
+    rows = [("SmolLM2-135M dense", "0%", f"{evaluate():.3f}", *measure(), "-")]
     for config in configs:
         model.load_state_dict(dense_state)
         pruner = SparsePruner(config)
         pruner.apply(model, tokenizer=tokenizer, progress=show_progress())
         seconds = pruner.report.seconds
         label = config.structure if config.nm else f"{config.sparsity:.0%}"
-        rows.append((config.method, label, f"{evaluate():.3f}", f"{seconds:.1f}"))
+        rows.append((config.method, label, f"{evaluate():.3f}", *measure(), f"{seconds:.1f}"))
+    header = ("model", "sparsity", "perplexity", *(["wiki_offline_mc acc"] if accuracy else []), "prune time (s)")
     print(f"\nPerplexity on held-out Wikipedia text ({args.eval_windows} x 512-token windows; "
-          f"calibration {args.num_samples} x {args.seq_len} tokens):\n")
-    print(_format_table(rows))
+          f"calibration {args.num_samples} x {args.seq_len} tokens)"
+          + (f"; accuracy on the first {args.eval_items} items of wiki_offline_mc (held-out articles, 4 choices, "
+             "chance 0.25; ± standard error)" if accuracy else "; accuracy not measured (see the log)") + ":\n")
+    print(_format_table(rows, header))
     return 0
 
 
@@ -276,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}
     try:
         return commands[args.command](args) if args.command in commands else args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, OptimumSparseError) as err:
+    except (ValueError, FileNotFoundError, TypeError, ImportError, ConnectionError, OptimumSparseError) as err:
         logger.error("%s", err)
         return 2
 

@@ -10,6 +10,8 @@ import re
 import shlex
 from typing import TYPE_CHECKING, Optional
 
+from .accuracy_card import accuracy_eval_results, accuracy_fields
+
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
@@ -225,11 +227,12 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
     tags = ["optimum-sparse", "pruned", "sparse", c.method,
             "semi-structured-sparsity" if c.nm else "unstructured-sparsity"] + list(extra_tags or [])
     result = _eval_result(record, model_name)
+    results = ([result] if result else []) + accuracy_eval_results(record)
     calib = _HUB_DATASET_IDS.get(c.dataset) if (record.calibration or {}).get("source") == c.dataset else None
     data = ModelCardData(
         base_model=base, library_name="transformers", pipeline_tag="text-generation", license=license,
         language=language, tags=list(dict.fromkeys(tags)), datasets=[calib] if calib else None,
-        model_name=model_name, eval_results=[result] if result else None
+        model_name=model_name, eval_results=results or None
     )
     ppl = record.perplexity or {}
     model_text = base or model_arg
@@ -279,7 +282,7 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         model_expr=json.dumps(model_text) if model_text else 'os.environ["BASE_MODEL"]',
         plot_file=plot_file, layer_rows=rows, repo_text=repo or "<this repo>",
         first_layer=record.layers[0].name if record.layers else "", command_config=with_config,
-        command_flags=with_flags, calibration_note=note, **_allocation_fields(record), config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),
+        command_flags=with_flags, calibration_note=note, **_allocation_fields(record), **accuracy_fields(record), config_json=json.dumps(c.to_dict(), indent=2, sort_keys=True),
     )
     validate_model_card(str(card))
     return card

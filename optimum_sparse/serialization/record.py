@@ -55,6 +55,9 @@ class PruningRecord:
         seconds (`float`): pruning wall time.
         calibration (`dict`): the calibration data actually used: `source`, `num_samples`, `seq_len`, `seed`.
         perplexity (`dict`, *optional*): `{"dense", "pruned", "dataset", "seq_len", "windows"}` when measured.
+        accuracy (`dict`, *optional*): lm-eval accuracy when measured (`optimum_sparse.eval.accuracy_table`):
+            `{"tasks": {task: {"dense", "pruned", "share_of_dense", "version", "items"}}, "num_fewshot", "limit",
+            "lm_eval_version"}`.
         base_model (`str`, *optional*): the Hub id of the model that was pruned.
         library_version (`str`): optimum-sparse version that pruned the model.
         allocation (`dict`, *optional*): the layer-wise allocation (`Allocation.to_dict()`) when one was used.
@@ -74,6 +77,7 @@ class PruningRecord:
     allocation: Optional[dict] = None
     inventory: Optional[dict] = None  # measured sparsity, pruned share, skipped parameters (`PruningReport.inventory`)
     masks: Optional[dict] = field(default=None, repr=False, compare=False)
+    accuracy: Optional[dict] = None
 
     @classmethod
     def from_run(cls, config: PruningConfig, report: PruningReport, source: Any = None,
@@ -121,6 +125,12 @@ class PruningRecord:
         self.perplexity = {"dense": _finite(dense), "pruned": _finite(pruned), "dataset": str(dataset),
                            "seq_len": int(seq_len), "windows": None if windows is None else int(windows)}
 
+    def set_accuracy(self, table: dict) -> None:
+        """Records an accuracy table built by `optimum_sparse.eval.accuracy_table`."""
+        if not isinstance(table, dict) or not isinstance(table.get("tasks"), dict) or not table["tasks"]:
+            raise ValueError(f"An accuracy table needs a non-empty 'tasks' dict, got {table!r}.")
+        self.accuracy = _jsonable(table)
+
     def to_dict(self) -> dict:
         return _jsonable({
             "format_version": RECORD_FORMAT_VERSION,
@@ -140,6 +150,7 @@ class PruningRecord:
             **({"allocation": self.allocation} if self.allocation is not None else {}),
             **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
             **({"inventory": self.inventory} if self.inventory is not None else {}),
+            **({"accuracy": self.accuracy} if self.accuracy else {}),
         })
 
     @classmethod
@@ -158,7 +169,8 @@ class PruningRecord:
                    calibration=dict(data.get("calibration") or {}),
                    perplexity=data.get("perplexity"), base_model=data.get("base_model"),
                    library_version=data.get("library_version", "unknown"), allocation=data.get("allocation"),
-                   inventory=data.get("inventory"))
+                   inventory=data.get("inventory"),
+                   accuracy=data.get("accuracy"))
 
 
 def _finite(value: Optional[float]) -> Optional[float]:
