@@ -48,10 +48,16 @@ def plot(results: dict, path: str) -> None:
                     label=f"{r['method']} {r['setting']}" if r["method"] != "dense" else "dense")
     ax.axhline(0.25, color="grey", linestyle=":", linewidth=1, label="chance (0.25)")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([10, 20, 50, 100, 200, 500, 1000])
     ax.set_xlabel("held-out wiki-offline perplexity (log scale, lower is better)")
     ax.set_ylabel(f"{task} accuracy (± stderr)")
     s = results["settings"]
-    ax.set_title(f"SmolLM2-135M: accuracy ({s['accuracy']['limit'] or 'all'} items) vs perplexity "
+    items = f"{s['accuracy']['limit']:g}" if s["accuracy"]["limit"] else "all"
+    ax.set_title(f"SmolLM2-135M: accuracy ({items} items) vs perplexity "
                  f"({s['perplexity']['windows']}×{s['perplexity']['seq_len']} tokens)", fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()

@@ -20,3 +20,15 @@ def hub_unreachable(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(accuracy.urllib.request, "urlopen", unreachable)
     return calls
+
+
+@pytest.fixture(scope="module")
+def wiki():
+    """The bundled Wikipedia splits `(calibration, evaluation)`; skips when the asset is not installed."""
+    from optimum_sparse.data.wiki import wiki_offline_path, wiki_offline_texts
+
+    try:
+        wiki_offline_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return wiki_offline_texts("calibration"), wiki_offline_texts("evaluation")

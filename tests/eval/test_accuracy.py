@@ -20,17 +20,6 @@ from ..helpers import build_config
 
 
 @pytest.fixture(scope="module")
-def wiki():
-    from optimum_sparse.data.wiki import wiki_offline_path, wiki_offline_texts
-
-    try:
-        wiki_offline_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    return wiki_offline_texts("calibration"), wiki_offline_texts("evaluation")
-
-
-@pytest.fixture(scope="module")
 def long_model():
     """A tiny random llama with room for whole items (the test tokenizer is close to one token per character)."""
     config = build_config("llama")

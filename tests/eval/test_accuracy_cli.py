@@ -28,16 +28,6 @@ def save_model_and_text(folder, tokenizer):
     return folder / "dense", text
 
 
-@pytest.fixture(scope="module")
-def wiki():
-    from optimum_sparse.data.wiki import wiki_offline_path
-
-    try:
-        wiki_offline_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-
-
 def _rows(out: str) -> dict:
     """`| task | metric | dense | pruned | share |` rows of the printed accuracy table."""
     rows = {}
