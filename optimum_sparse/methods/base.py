@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
+
+from ..config import register_config_check
+from ..engine.stats import LinearStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -15,48 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config"]
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
-
-
-@dataclass
-class LinearStats:
-    """Calibration statistics of one linear layer's input.
-
-    Each calibration window's `x xᵀ` is computed in float32 and summed in float64, so the sums do not depend on how
-    the windows were batched or split across processes (a window's product is the same in any batch); `finalize`
-    casts them to float32 once every window (and every rank) has been added.
-
-    Attributes:
-        hessian (`torch.Tensor`, *optional*): `Σ x xᵀ` over calibration tokens, `[in, in]`.
-        sq_norms (`torch.Tensor`, *optional*): `Σ x_j²` per input feature, `[in]` (the diagonal of `hessian`).
-        num_tokens (`int`): Number of tokens accumulated.
-    """
-
-    hessian: Optional[torch.Tensor] = None
-    sq_norms: Optional[torch.Tensor] = None
-    num_tokens: int = 0
-
-    def add(self, inputs: torch.Tensor, want_hessian: bool) -> None:
-        """Adds a batch: `[windows, tokens, in]` (one product per window) or `[tokens, in]` (one window)."""
-        x = inputs.to(torch.float32)
-        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
-        features = x.shape[-1]
-        if want_hessian and self.hessian is None:
-            self.hessian = torch.zeros(features, features, dtype=torch.float64, device=x.device)
-        if self.sq_norms is None:
-            self.sq_norms = torch.zeros(features, dtype=torch.float64, device=x.device)
-        for window in windows:
-            if want_hessian:
-                self.hessian.add_(window.t() @ window)
-            self.sq_norms.add_((window * window).sum(0))
-        self.num_tokens += windows.shape[0] * windows.shape[1]
-
-    def finalize(self) -> "LinearStats":
-        """Casts the float64 sums to float32 (call after the last `add` and any all-reduce); returns `self`."""
-        if self.hessian is not None:
-            self.hessian = self.hessian.to(torch.float32)
-        if self.sq_norms is not None:
-            self.sq_norms = self.sq_norms.to(torch.float32)
-        return self
 
 
 class PruningMethod:
@@ -100,6 +60,13 @@ class PruningMethod:
     @property
     def needs_calibration(self) -> bool:
         return self.stats != "none"
+
+    def fallback_solver(self) -> "PruningMethod":
+        """The solver of an under-calibrated expert whose fallback is `"magnitude"` (the engine asks; it never imports
+        a method itself)."""
+        from .magnitude import MagnitudePruning
+
+        return MagnitudePruning(self.config)
 
     def prune_weight(self, weight: torch.Tensor, stats: Optional[LinearStats], sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Prunes one weight matrix.
@@ -154,6 +121,19 @@ def get_method_class(name: str) -> type[PruningMethod]:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def _check_method_name(config: "PruningConfig") -> None:
+    if config.method not in _REGISTRY:
+        raise ValueError(f"PruningConfig.method must be one of {sorted(_REGISTRY)}, got {config.method!r}.")
+
+
+def _check_method_options(config: "PruningConfig") -> None:
+    _REGISTRY[config.method].validate_config(config)
+
+
+register_config_check("method", _check_method_name)
+register_config_check("method_options", _check_method_options)
 
 
 def warm_start_config(config: "PruningConfig", options: dict, exclude: tuple = ()) -> Optional["PruningConfig"]:
