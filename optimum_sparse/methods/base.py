@@ -31,6 +31,17 @@ class PruningMethod:
     name: ClassVar[str] = ""
     stats: ClassVar[str] = "hessian"
     column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
+    # Capability: the method runs on the whole model and splits the calibration data across processes itself (ELSA);
+    # otherwise the pruner hands each rank its own shard and the engine prunes block by block. `None`: decided from
+    # whether the class overrides `prune_model` (methods written before the flag).
+    whole_model: ClassVar[Optional[bool]] = None
+
+    @classmethod
+    def runs_whole_model(cls) -> bool:
+        """Whether `prune_model` gets every calibration window (see `whole_model`)."""
+        if cls.whole_model is not None:
+            return cls.whole_model
+        return cls.prune_model is not PruningMethod.prune_model
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
@@ -106,9 +117,13 @@ class PruningMethod:
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator adding a method to the registry under `cls.name`."""
+    """Class decorator adding a method to the registry under `cls.name`; a name taken by another class is refused."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`.")
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"Method name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}; "
+                         f"give {cls.__module__}.{cls.__qualname__} another `name`.")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -105,6 +105,7 @@ class ELSAPruning(PruningMethod):
     """
 
     name = "elsa"
+    whole_model = True  # trains the whole model on its own shard of the data (transformers' Trainer)
     stats = "none"  # no layer statistics; the calibration windows are the training data
 
     @property
