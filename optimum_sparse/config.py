@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 from .version import __version__
 
 __all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure", "STRUCTURED", "EXPERT_STATISTICS", "EXPERT_FALLBACKS",
-           "register_config_check"]
+           "register_config_check", "CLI_FIELDS", "cli_flag", "config_to_cli_args"]
 
 EXPERT_STATISTICS = ("routed", "pooled")
 EXPERT_FALLBACKS = ("mean-hessian", "damping", "magnitude")
@@ -301,3 +301,39 @@ class PruningConfig:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"No {CONFIG_NAME} in {path}.")
         return cls.from_json_file(file)
+
+
+# ----- the CLI view of the config (one source for `optimum-sparse prune` and the card's reproduce command) -----------
+# Every field is a `--flag` of `optimum-sparse prune` named after it (`num_samples` -> `--num-samples`), except the
+# version stamp. tests/test_cli_config_card.py checks the parser and the card against this list.
+CLI_FIELDS = tuple(f.name for f in dataclasses.fields(PruningConfig) if f.name != "library_version")
+
+
+def cli_flag(name: str) -> str:
+    """`--num-samples` for the field `num_samples`."""
+    return "--" + name.replace("_", "-")
+
+
+def config_to_cli_args(config: PruningConfig, always: tuple = ()) -> list:
+    """The `optimum-sparse prune` arguments that rebuild `config`: one `[flag, *values]` per field that differs
+    from its default (and per field in `always`), in field order. Dicts are JSON; lists take several values."""
+    defaults = PruningConfig()
+    out = []
+    for name in CLI_FIELDS:
+        value = getattr(config, name)
+        if name not in always and value == getattr(defaults, name):
+            continue
+        flag = cli_flag(name)
+        if isinstance(value, bool):
+            if value:
+                out.append([flag])
+            continue  # False is the default of every boolean field
+        if isinstance(value, dict):
+            out.append([flag, json.dumps(value, sort_keys=True)])
+        elif isinstance(value, (list, tuple)):
+            out.append([flag, *[str(v) for v in value]])
+        elif isinstance(value, float):
+            out.append([flag, f"{value:g}" if float(f"{value:g}") == value else repr(value)])
+        elif value is not None:
+            out.append([flag, str(value)])
+    return out
