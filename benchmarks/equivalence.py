@@ -51,18 +51,23 @@ def state_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def compare(a_path: str, b_path: str) -> int:
+def compare(a_path: str, b_path: str, output: str = None, labels: tuple = ("before", "after")) -> int:
+    """Prints (and with `output` writes) per method whether the two runs' state hashes are equal."""
     with open(a_path, encoding="utf-8") as f:
         a = {r["method"]: r for r in json.load(f)["runs"]}
     with open(b_path, encoding="utf-8") as f:
         b = {r["method"]: r for r in json.load(f)["runs"]}
-    bad = 0
+    rows = []
     for method in sorted(set(a) | set(b)):
         ra, rb = a.get(method), b.get(method)
-        same = bool(ra and rb and ra["state_sha256"] == rb["state_sha256"])
-        bad += not same
-        print(f"{method:12s} {'equal' if same else 'DIFFERENT'}  ppl {ra and ra['perplexity']} -> {rb and rb['perplexity']}")
-    return 1 if bad else 0
+        rows.append({"method": method, "equal": bool(ra and rb and ra["state_sha256"] == rb["state_sha256"]),
+                     "state_sha256": {labels[0]: ra and ra["state_sha256"], labels[1]: rb and rb["state_sha256"]},
+                     "perplexity": {labels[0]: ra and ra["perplexity"], labels[1]: rb and rb["perplexity"]}})
+        print(f"{method:12s} {'equal' if rows[-1]['equal'] else 'DIFFERENT'}  ppl {rows[-1]['perplexity']}")
+    if output:
+        write_json(output, {"benchmark": "equivalence-compare", "command": command_line(),
+                            "files": {labels[0]: a_path, labels[1]: b_path}, "runs": rows})
+    return 0 if rows and all(r["equal"] for r in rows) else 1
 
 
 def main(argv=None) -> int:
@@ -77,9 +82,14 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=[m for m, _, _ in RUNS])
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "equivalence.json"))
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="Compare two result files and exit.")
+    p.add_argument("--labels", nargs=2, default=("before", "after"), help="Names of the two sides in --compare "
+                   "(e.g. the commits whose trees made them).")
+    p.add_argument("--compare-output", default=None, help="With --compare: also write the comparison as JSON.")
+    p.add_argument("--source-commit", default=None,
+                   help="The commit whose tree runs (recorded; for runs from an exported copy without .git).")
     args = p.parse_args(argv)
     if args.compare:
-        return compare(*args.compare)
+        return compare(*args.compare, output=args.compare_output, labels=tuple(args.labels))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("optimum_sparse").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -91,6 +101,7 @@ def main(argv=None) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
         "git": git_info(),
+        "source_commit": args.source_commit,
         "machine": {**machine_info("cpu"), "label": "cpu-2c, shared load"},
         "settings": {"model": args.model, "dtype": "float32", "calibration": {
             "dataset": "wiki-offline", "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed},
