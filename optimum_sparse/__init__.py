@@ -2,6 +2,9 @@
 
 import logging as _logging
 
+from . import allocation as _allocation  # registers the allocation check of PruningConfig
+from . import hub as _hub  # registers the model-card writer of the save path
+from .structured import search as _structured_search  # registers the structured search check
 from .config import PruningConfig
 from .engine import PruningReport
 from .errors import (

@@ -8,11 +8,36 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .version import __version__
 
-__all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure", "STRUCTURED"]
+__all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure", "STRUCTURED", "EXPERT_STATISTICS", "EXPERT_FALLBACKS",
+           "register_config_check", "CLI_FIELDS", "cli_flag", "config_to_cli_args"]
+
+EXPERT_STATISTICS = ("routed", "pooled")
+EXPERT_FALLBACKS = ("mean-hessian", "damping", "magnitude")
+
+# Checks that need a registry (method names and options, allocators) live with that registry and register here, so
+# the config stays plain data and imports none of them (tests/test_import_layering.py). Run in this order.
+CONFIG_CHECKS = ("method", "method_options", "allocation")
+_CHECKS: dict[str, Callable[["PruningConfig"], None]] = {}
+
+
+def register_config_check(stage: str, check: Callable[["PruningConfig"], None]) -> None:
+    """Registers the check `PruningConfig.__post_init__` runs at `stage` (one of `CONFIG_CHECKS`); one per stage."""
+    if stage not in CONFIG_CHECKS:
+        raise ValueError(f"Unknown config check stage {stage!r}; expected one of {CONFIG_CHECKS}.")
+    if stage in _CHECKS and _CHECKS[stage] is not check:
+        raise ValueError(f"A config check for stage {stage!r} is already registered ({_CHECKS[stage]!r}).")
+    _CHECKS[stage] = check
+
+
+def _run_check(stage: str, config: "PruningConfig") -> None:
+    check = _CHECKS.get(stage)
+    if check is None:  # only possible when the package's registries failed to import
+        raise RuntimeError(f"No PruningConfig check registered for {stage!r}; import optimum_sparse, not config alone.")
+    check(config)
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +173,7 @@ class PruningConfig:
                                  "mean-hessian")
 
     def __post_init__(self):
-        from .methods import available_methods, get_method_class
-
-        if self.method not in available_methods():
-            raise ValueError(
-                f"PruningConfig.method must be one of {sorted(available_methods())}, got {self.method!r}."
-            )
+        _run_check("method", self)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(f"PruningConfig.sparsity must be a float in [0, 1), got {self.sparsity!r}.")
         self.sparsity = float(self.sparsity)
@@ -203,20 +223,16 @@ class PruningConfig:
         self._validate_experts()
         if not isinstance(self.method_kwargs, dict):
             raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
-        get_method_class(self.method).validate_config(self)
+        _run_check("method_options", self)
         if self.is_structured and (self.allocation not in ("uniform", "search") or self.layer_sparsity):
             raise ValueError(
                 f"PruningConfig.allocation={self.allocation!r} / layer_sparsity apply to unstructured and N:M runs; "
                 "structured methods allocate through method_kwargs['allocation'] ('uniform', 'threshold', "
                 "'softmax') or PruningConfig.allocation='search'."
             )
-        from .allocation import validate_allocation
-
-        validate_allocation(self)
+        _run_check("allocation", self)
 
     def _validate_experts(self) -> None:
-        from .engine.expert_stats import EXPERT_FALLBACKS, EXPERT_STATISTICS
-
         if self.expert_statistics not in EXPERT_STATISTICS:
             raise ValueError(f"PruningConfig.expert_statistics must be one of {list(EXPERT_STATISTICS)}, "
                              f"got {self.expert_statistics!r}.")
@@ -285,3 +301,39 @@ class PruningConfig:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"No {CONFIG_NAME} in {path}.")
         return cls.from_json_file(file)
+
+
+# ----- the CLI view of the config (one source for `optimum-sparse prune` and the card's reproduce command) -----------
+# Every field is a `--flag` of `optimum-sparse prune` named after it (`num_samples` -> `--num-samples`), except the
+# version stamp. tests/test_cli_config_card.py checks the parser and the card against this list.
+CLI_FIELDS = tuple(f.name for f in dataclasses.fields(PruningConfig) if f.name != "library_version")
+
+
+def cli_flag(name: str) -> str:
+    """`--num-samples` for the field `num_samples`."""
+    return "--" + name.replace("_", "-")
+
+
+def config_to_cli_args(config: PruningConfig, always: tuple = ()) -> list:
+    """The `optimum-sparse prune` arguments that rebuild `config`: one `[flag, *values]` per field that differs
+    from its default (and per field in `always`), in field order. Dicts are JSON; lists take several values."""
+    defaults = PruningConfig()
+    out = []
+    for name in CLI_FIELDS:
+        value = getattr(config, name)
+        if name not in always and value == getattr(defaults, name):
+            continue
+        flag = cli_flag(name)
+        if isinstance(value, bool):
+            if value:
+                out.append([flag])
+            continue  # False is the default of every boolean field
+        if isinstance(value, dict):
+            out.append([flag, json.dumps(value, sort_keys=True)])
+        elif isinstance(value, (list, tuple)):
+            out.append([flag, *[str(v) for v in value]])
+        elif isinstance(value, float):
+            out.append([flag, f"{value:g}" if float(f"{value:g}") == value else repr(value)])
+        elif value is not None:
+            out.append([flag, str(value)])
+    return out

@@ -18,11 +18,12 @@ from .engine.inventory import build_inventory
 from .engine.sequential import PruningReport, check_targets
 from .engine.validation import linear_targets, validate_run
 from .methods import get_method_class
-from .methods.base import PruningMethod
-from .serialization import RECORD_NAME as REPORT_NAME
+from .serialization import RECORD_NAME
 from .serialization import SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, build_sparsity_config
 
-__all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "REPORT_NAME"]
+__all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "RECORD_NAME", "REPORT_NAME"]
+
+REPORT_NAME = RECORD_NAME  # the old name of the record's file name (`pruning_report.json`), kept for callers
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class SparsePruner:
 
                 self.allocation = allocate(model, self.config, self.method, input_ids, progress)
                 sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
-            whole_model = type(self.method).prune_model is not PruningMethod.prune_model  # e.g. ELSA: its own data split
+            whole_model = self.method.runs_whole_model()  # a capability flag of the method (ELSA: its own data split)
             self.report = self.method.prune_model(model, input_ids if whole_model else local_ids, sparsity_for,
                                                   progress and rank == 0, tokenizer=tokenizer, checkpoint=checkpoint)
             if self.allocation is not None:

@@ -157,7 +157,7 @@ def test_save_before_apply_is_an_error(tmp_path):
 # ----- atomic writes ------------------------------------------------------------------------------------------------
 def test_crash_mid_write_keeps_the_previous_folder(pruned, tmp_path, monkeypatch):
     """A failure after the weights were written (here: in the card) leaves the previous save exactly as it was."""
-    import optimum_sparse.hub.card as card
+    import optimum_sparse.serialization.io as io
 
     model, pruner, tokenizer = pruned
     folder = tmp_path / "model"
@@ -168,7 +168,7 @@ def test_crash_mid_write_keeps_the_previous_folder(pruned, tmp_path, monkeypatch
         assert os.path.isfile(os.path.join(tmp, "model.safetensors"))  # mid-write: weights already there
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(card, "write_model_card", crash)
+    monkeypatch.setattr(io, "_CARD_WRITER", crash)  # the card writer hub registered with the save path
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(2)  # the new save would differ
     try:

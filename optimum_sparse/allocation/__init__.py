@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Optional
 
+from ..config import register_config_check
 from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, available_allocators, fit_counts,
                    get_allocator, register_allocator, target_modules)
 from .nm import fit_nm_steps, nm_allocation, nm_budget
@@ -77,3 +78,6 @@ def allocate(model: "nn.Module", config: "PruningConfig", method: "PruningMethod
     logger.info("Allocation %s: %d of %d parameters pruned (target %.4f)\n%s", allocation.method,
                 allocation.pruned_params, allocation.total_params, config.sparsity, allocation.table())
     return allocation
+
+
+register_config_check("allocation", validate_allocation)

@@ -191,6 +191,17 @@ def search_allocation(model, modules, method: PruningMethod, config, input_ids: 
                                   m=config.nm[1] if config.nm else None)
 
 
+# Structured runs search their own genes (heads/channels); their settings check lives with that search
+# (`optimum_sparse.structured.search`), which registers it here on import (structured sits above allocation).
+_STRUCTURED_SEARCH_CHECK = None
+
+
+def register_structured_search_check(check) -> None:
+    """Sets the check of `allocation_kwargs` of a structured `allocation="search"` run."""
+    global _STRUCTURED_SEARCH_CHECK
+    _STRUCTURED_SEARCH_CHECK = check
+
+
 @register_allocator
 class SearchAllocator(Allocator):
     """Týr-style evolutionary search; `allocation_kwargs` as in `SEARCH_DEFAULTS` (structured runs:
@@ -203,9 +214,9 @@ class SearchAllocator(Allocator):
     @classmethod
     def validate_kwargs(cls, config):
         if config.is_structured:  # heads/channels: its own genes and settings (optimum_sparse.structured.search)
-            from ..structured.search import validate_structured_search
-
-            validate_structured_search(config)
+            if _STRUCTURED_SEARCH_CHECK is None:
+                raise RuntimeError("The structured search check is not registered: import optimum_sparse.")
+            _STRUCTURED_SEARCH_CHECK(config)
             return
         super().validate_kwargs(config)
         _validate(config)

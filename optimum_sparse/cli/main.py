@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from ..config import parse_structure
+from ..config import CLI_FIELDS, parse_structure
 from ..errors import OptimumSparseError, OutputPathError
 from ..serialization.destination import check_output_dir
 from ..utils import show_progress
@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0, help="Seed of the calibration window sampling.")
     prune.add_argument("--batch-size", type=int, default=8, help="Calibration sequences per forward pass.")
     prune.add_argument("--device", default=None, help="Device for statistics and solves (cuda, cpu).")
+    prune.add_argument("--targets", nargs="+", default=["Linear", "Conv1D"],
+                       help="Modules to prune (class names, name suffixes, or 're:' regexes).")
     prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
+    prune.add_argument("--damping", type=float, default=0.01, help="Relative Hessian damping.")
+    prune.add_argument("--block-size", type=int, default=128, help="Column block size of the OBS solver.")
     prune.add_argument("--true-sequential", action="store_true",
                        help="Recollect statistics after each linear group (q/k/v, o, gate/up, down) is pruned.")
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
@@ -166,29 +170,44 @@ def _json_or_path(value: Optional[str]):
     return json.loads(value) if value is not None and value.lstrip().startswith("{") else value
 
 
-def _cmd_prune(args) -> int:
+def _given_prune_fields(args) -> set:
+    """The config fields whose flags were typed (a flag set to its default still overrides `--config`); without the
+    command line (a hand-made namespace), the fields that differ from the defaults."""
+    argv = getattr(args, "argv", None)
+    parser = build_parser()
+    if argv is None:
+        defaults = vars(parser.parse_args(["prune", "--model", "x"]))
+        return {k for k in CLI_FIELDS if getattr(args, k) != defaults.get(k)}
+    prune = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    for action in prune._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) & set(CLI_FIELDS)
+
+
+def prune_config(args):
+    """The `PruningConfig` of `optimum-sparse prune`: one flag per field; with `--config`, the file's values under
+    every flag that was typed (at its default too)."""
     from ..config import PruningConfig
+
+    overrides = {name: getattr(args, name) for name in CLI_FIELDS}  # one flag per PruningConfig field
+    for name in ("method_kwargs", "allocation_kwargs"):
+        overrides[name] = json.loads(overrides[name])
+    overrides["layer_sparsity"] = _json_or_path(overrides["layer_sparsity"])
+    if args.config:
+        base = PruningConfig.from_pretrained(args.config).to_dict()
+        given = _given_prune_fields(args)
+        base.update({k: v for k, v in overrides.items() if k in given})
+        if "structure" in given and "sparsity" not in given:
+            base.pop("sparsity", None)  # a new structure: the file's sparsity (its N/M) is not a choice of the user
+        return PruningConfig.from_dict(base)
+    return PruningConfig(**overrides)
+
+
+def _cmd_prune(args) -> int:
     from ..eval import evaluate_perplexity
     from ..pruner import SparsePruner
 
-    overrides = dict(
-        method=args.method, sparsity=args.sparsity, structure=args.structure, dataset=args.dataset,
-        num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, ignore=args.ignore, true_sequential=args.true_sequential,
-        method_kwargs=json.loads(args.method_kwargs), allocation=args.allocation,
-        allocation_kwargs=json.loads(args.allocation_kwargs), layer_sparsity=_json_or_path(args.layer_sparsity),
-        multiple_of=args.multiple_of, expert_statistics=args.expert_statistics,
-        min_expert_tokens=args.min_expert_tokens, expert_fallback=args.expert_fallback,
-    )
-    if args.config:
-        base = PruningConfig.from_pretrained(args.config).to_dict()
-        defaults = vars(build_parser().parse_args(["prune", "--model", "x"]))
-        base.update({k: v for k, v in overrides.items() if getattr(args, k) != defaults.get(k)})
-        if args.structure != defaults["structure"] and args.sparsity == defaults["sparsity"]:
-            base.pop("sparsity", None)  # a new structure: the file's sparsity (its N/M) is not a choice of the user
-        config = PruningConfig.from_dict(base)
-    else:
-        config = PruningConfig(**overrides)
+    config = prune_config(args)
     pruner = SparsePruner(config)  # validated before the (slow) model load
     if args.output:
         check_output_dir(args.output, overwrite=args.overwrite)  # before hours of work, not after
@@ -287,7 +306,9 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.no_progress:
         _disable_progress_bars()

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import NonFiniteActivationError
 from .distributed import all_reduce_scalar, all_reduce_sum
-from ..methods.base import LinearStats
+from .stats import LinearStats
 from .architectures import ArchitectureSpec
 from .capture import BlockInputs, StopForward
 from .devices import move_to
@@ -279,9 +279,7 @@ class BlockJob:
                 full = self.full_name(name)
                 solver, layer_stats = method, stats[name]
                 if getattr(layer_stats, "fallback", None) == "magnitude":  # an under-calibrated expert
-                    from ..methods.magnitude import MagnitudePruning
-
-                    solver, layer_stats = MagnitudePruning(method.config), None
+                    solver, layer_stats = method.fallback_solver(), None
                 new, mask, *extra = solver.prune_layer(full, original.clone(), layer_stats, self.sparsity_for(full))
                 extra = {**(extra[0] if extra else {}), **self.expert_extra.get(name, {})}
                 self.apply_weight(name, original, new, mask, stats[name], **extra)

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..methods.base import LinearStats
+from ..config import EXPERT_FALLBACKS, EXPERT_STATISTICS
+from .stats import LinearStats
 from .capture import StopForward
 from .distributed import all_reduce_scalar, all_reduce_sum
 from .experts import ExpertLinear, expert_intermediate, layout_count, routed_tokens
@@ -42,8 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ExpertStats", "ExpertStatsCollector", "EXPERT_STATISTICS", "EXPERT_FALLBACKS"]
 
-EXPERT_STATISTICS = ("routed", "pooled")
-EXPERT_FALLBACKS = ("mean-hessian", "damping", "magnitude")
 
 
 @dataclass

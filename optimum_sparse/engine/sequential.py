@@ -34,7 +34,10 @@ class PruningReport:
     """What a pruning run did: per-layer sparsity and error, per-block diagnostics, run-level diagnostics (e.g.
     ELSA's training history), timing, and the inventory of the decoder blocks' parameters (`engine.inventory`): the
     sparsity measured on the weights over every target matrix, the share of the model's parameters pruned, and every
-    skipped parameter by name with its reason."""
+    skipped parameter by name with its reason.
+
+    The engine's in-memory result; the pruner wraps it in the persisted `serialization.PruningRecord` (config,
+    calibration, evaluation) that is saved as `pruning_report.json`."""
 
     method: str
     layers: list = field(default_factory=list)

@@ -69,28 +69,13 @@ def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None
 
     `base_model` is the `--model` argument (Hub id, alias or folder); unknown, the commands read `$BASE_MODEL`.
     """
-    c = record.config
+    from ..config import config_to_cli_args
+
     model = shlex.quote(base_model) if base_model else '"$BASE_MODEL"'
     with_config = f"optimum-sparse prune --model {model} --config pruning_config.json --output pruned/"
-    flags = [
-        "optimum-sparse prune", f"--model {model}", f"--method {c.method}", f"--sparsity {c.sparsity:g}",
-        f"--structure {c.structure}", f"--dataset {shlex.quote(c.dataset)}", f"--num-samples {c.num_samples}",
-        f"--seq-len {c.seq_len}", f"--seed {c.seed}", f"--batch-size {c.batch_size}",
-    ]
-    if c.ignore:
-        flags.append("--ignore " + " ".join(shlex.quote(i) for i in c.ignore))
-    if c.true_sequential:
-        flags.append("--true-sequential")
-    if c.method_kwargs:
-        flags.append("--method-kwargs " + shlex.quote(json.dumps(c.method_kwargs, sort_keys=True)))
-    if c.device:
-        flags.append(f"--device {c.device}")
-    if c.allocation != "uniform":
-        flags.append(f"--allocation {c.allocation}")
-    if c.allocation_kwargs:
-        flags.append("--allocation-kwargs " + shlex.quote(json.dumps(c.allocation_kwargs, sort_keys=True)))
-    if c.layer_sparsity:
-        flags.append("--layer-sparsity " + shlex.quote(json.dumps(c.layer_sparsity, sort_keys=True)))
+    always = ("method", "sparsity", "structure", "dataset", "num_samples", "seq_len", "seed", "batch_size")
+    flags = ["optimum-sparse prune", f"--model {model}"]
+    flags += [" ".join(shlex.quote(part) for part in arg) for arg in config_to_cli_args(record.config, always)]
     flags.append("--output pruned/")
     return with_config, " \\\n  ".join(flags)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
+
+from ..config import register_config_check
+from ..engine.stats import LinearStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -15,48 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config"]
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
-
-
-@dataclass
-class LinearStats:
-    """Calibration statistics of one linear layer's input.
-
-    Each calibration window's `x xᵀ` is computed in float32 and summed in float64, so the sums do not depend on how
-    the windows were batched or split across processes (a window's product is the same in any batch); `finalize`
-    casts them to float32 once every window (and every rank) has been added.
-
-    Attributes:
-        hessian (`torch.Tensor`, *optional*): `Σ x xᵀ` over calibration tokens, `[in, in]`.
-        sq_norms (`torch.Tensor`, *optional*): `Σ x_j²` per input feature, `[in]` (the diagonal of `hessian`).
-        num_tokens (`int`): Number of tokens accumulated.
-    """
-
-    hessian: Optional[torch.Tensor] = None
-    sq_norms: Optional[torch.Tensor] = None
-    num_tokens: int = 0
-
-    def add(self, inputs: torch.Tensor, want_hessian: bool) -> None:
-        """Adds a batch: `[windows, tokens, in]` (one product per window) or `[tokens, in]` (one window)."""
-        x = inputs.to(torch.float32)
-        windows = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
-        features = x.shape[-1]
-        if want_hessian and self.hessian is None:
-            self.hessian = torch.zeros(features, features, dtype=torch.float64, device=x.device)
-        if self.sq_norms is None:
-            self.sq_norms = torch.zeros(features, dtype=torch.float64, device=x.device)
-        for window in windows:
-            if want_hessian:
-                self.hessian.add_(window.t() @ window)
-            self.sq_norms.add_((window * window).sum(0))
-        self.num_tokens += windows.shape[0] * windows.shape[1]
-
-    def finalize(self) -> "LinearStats":
-        """Casts the float64 sums to float32 (call after the last `add` and any all-reduce); returns `self`."""
-        if self.hessian is not None:
-            self.hessian = self.hessian.to(torch.float32)
-        if self.sq_norms is not None:
-            self.sq_norms = self.sq_norms.to(torch.float32)
-        return self
 
 
 class PruningMethod:
@@ -71,6 +31,17 @@ class PruningMethod:
     name: ClassVar[str] = ""
     stats: ClassVar[str] = "hessian"
     column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
+    # Capability: the method runs on the whole model and splits the calibration data across processes itself (ELSA);
+    # otherwise the pruner hands each rank its own shard and the engine prunes block by block. `None`: decided from
+    # whether the class overrides `prune_model` (methods written before the flag).
+    whole_model: ClassVar[Optional[bool]] = None
+
+    @classmethod
+    def runs_whole_model(cls) -> bool:
+        """Whether `prune_model` gets every calibration window (see `whole_model`)."""
+        if cls.whole_model is not None:
+            return cls.whole_model
+        return cls.prune_model is not PruningMethod.prune_model
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
@@ -100,6 +71,13 @@ class PruningMethod:
     @property
     def needs_calibration(self) -> bool:
         return self.stats != "none"
+
+    def fallback_solver(self) -> "PruningMethod":
+        """The solver of an under-calibrated expert whose fallback is `"magnitude"` (the engine asks; it never imports
+        a method itself)."""
+        from .magnitude import MagnitudePruning
+
+        return MagnitudePruning(self.config)
 
     def prune_weight(self, weight: torch.Tensor, stats: Optional[LinearStats], sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Prunes one weight matrix.
@@ -139,9 +117,13 @@ class PruningMethod:
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator adding a method to the registry under `cls.name`."""
+    """Class decorator adding a method to the registry under `cls.name`; a name taken by another class is refused."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`.")
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"Method name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}; "
+                         f"give {cls.__module__}.{cls.__qualname__} another `name`.")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -154,6 +136,19 @@ def get_method_class(name: str) -> type[PruningMethod]:
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def _check_method_name(config: "PruningConfig") -> None:
+    if config.method not in _REGISTRY:
+        raise ValueError(f"PruningConfig.method must be one of {sorted(_REGISTRY)}, got {config.method!r}.")
+
+
+def _check_method_options(config: "PruningConfig") -> None:
+    _REGISTRY[config.method].validate_config(config)
+
+
+register_config_check("method", _check_method_name)
+register_config_check("method_options", _check_method_options)
 
 
 def warm_start_config(config: "PruningConfig", options: dict, exclude: tuple = ()) -> Optional["PruningConfig"]:

@@ -105,6 +105,7 @@ class ELSAPruning(PruningMethod):
     """
 
     name = "elsa"
+    whole_model = True  # trains the whole model on its own shard of the data (transformers' Trainer)
     stats = "none"  # no layer statistics; the calibration windows are the training data
 
     @property
@@ -173,7 +174,7 @@ class ELSAPruning(PruningMethod):
     def prune_model(self, model: "torch.nn.Module", input_ids: Optional["torch.Tensor"],
                     sparsity_for: Optional[Callable[[str], float]] = None, progress: bool = True,
                     tokenizer: Any = None, checkpoint: Any = None) -> "PruningReport":
-        from ..integrations.elsa import run_elsa
+        from .elsa_trainer import run_elsa
 
         if checkpoint is not None:
             raise ValueError("ELSA checkpoints and resumes through its own Trainer state, not checkpoint_dir.")

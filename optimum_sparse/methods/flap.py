@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..structured.base import GroupDecision, StructuredMethod
-from ..structured.scoring import expand_groups, group_sum
+from .structured_base import GroupDecision, StructuredMethod
+from .structured_scoring import expand_groups, group_sum
 from .base import register_method
 from .wanda_structured import _standardize
 

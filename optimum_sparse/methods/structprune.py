@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from ..structured.base import GroupDecision, StructuredMethod
-from ..structured.scoring import damped, expand_groups, greedy_obs, obs_group_scores, solve_on_support, support_error
+from .structured_base import GroupDecision, StructuredMethod
+from .structured_scoring import damped, expand_groups, greedy_obs, obs_group_scores, solve_on_support, support_error
 from .base import register_method
 
 __all__ = ["StructPrunePruning", "admm_group_support"]

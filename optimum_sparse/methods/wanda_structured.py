@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..structured.base import GroupDecision, StructuredMethod
-from ..structured.scoring import group_sum
+from .structured_base import GroupDecision, StructuredMethod
+from .structured_scoring import group_sum
 from .base import register_method
 
 __all__ = ["WandaStructuredPruning", "MagnitudeStructuredPruning"]

@@ -7,7 +7,7 @@ import logging
 import os
 import types
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -20,10 +20,23 @@ from .record import (
 )
 
 __all__ = [
-    "save_pruned_model", "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record",
+    "register_card_writer", "save_pruned_model", "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The model card is written by `optimum_sparse.hub`, which registers its writer here on import (the top package imports
+# it): the save path calls hub, hub never depends on this module being able to import it (no import cycle).
+_CARD_WRITER: Optional[Callable[..., Any]] = None
+_FOLDER_PUSHER: Optional[Callable[..., Any]] = None
+
+
+def register_card_writer(writer: Callable[..., Any], pusher: Optional[Callable[..., Any]] = None) -> None:
+    """Sets the default `writer(folder, record, **card_kwargs)` that `save_pruned_model` uses for the model card, and
+    the `pusher(folder, repo_id, **kwargs)` of `model.save_pretrained(..., push_to_hub=True)`."""
+    global _CARD_WRITER, _FOLDER_PUSHER
+    _CARD_WRITER = writer
+    _FOLDER_PUSHER = pusher or _FOLDER_PUSHER
 
 
 # ----- save ---------------------------------------------------------------------------------------------------------
@@ -40,7 +53,8 @@ def _plain_save(model: nn.Module):
 
 def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningRecord,
                       tokenizer: Any = None, model_card: bool = True, card_kwargs: Optional[dict] = None,
-                      fsync: bool = True, overwrite: bool = False, **save_kwargs) -> str:
+                      fsync: bool = True, overwrite: bool = False, card_writer: Optional[Callable[..., Any]] = None,
+                      **save_kwargs) -> str:
     """Saves a pruned model with its pruning record, sparsity sidecar, tokenizer and model card, atomically.
 
     Args:
@@ -51,6 +65,7 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
         model_card: write `README.md` (and `sparsity_plot.png` when matplotlib is installed).
         card_kwargs: extra arguments of `optimum_sparse.hub.card.build_model_card` (`repo_id`, `base_model`,
             `license`, ...).
+        card_writer: `writer(folder, record, **card_kwargs)` of the card; default `optimum_sparse.hub.write_model_card`.
         fsync: flush files to disk before the swap.
         overwrite: replace a folder that already holds a model (`config.json` or weights); without it such a folder
             is refused with `OutputPathError` before anything is written.
@@ -65,6 +80,10 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
         if save_kwargs.get(key):
             raise ValueError(f"save_pruned_model does not take {key!r}; push with SparsePruner.push_to_hub.")
         save_kwargs.pop(key, None)
+    card_writer = card_writer or _CARD_WRITER
+    if model_card and card_writer is None:
+        raise RuntimeError("No model-card writer registered: import optimum_sparse (it registers optimum_sparse.hub's), "
+                           "pass card_writer=, or model_card=False.")
     final = check_output_dir(save_directory, overwrite=overwrite)
     with atomic_directory(final, fsync=fsync) as tmp:
         _plain_save(model)(tmp, **save_kwargs)
@@ -76,9 +95,7 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
         _write_json(os.path.join(tmp, SPARSITY_CONFIG_NAME), sidecar)
         _write_json(os.path.join(tmp, RECORD_NAME), record.to_dict())
         if model_card:
-            from ..hub.card import write_model_card
-
-            write_model_card(tmp, record, **(card_kwargs or {}))
+            card_writer(tmp, record, **(card_kwargs or {}))
     logger.info("Saved the pruned model to %s", final)
     return final
 
@@ -276,9 +293,9 @@ def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
     folder = save_pruned_model(self, save_directory, record, tokenizer=self.__dict__.get("_optimum_sparse_tokenizer"),
                                card_kwargs={"repo_id": repo_id}, **kwargs)  # the card is named after the repo
     if push:
-        from ..hub.push import push_folder
-
-        push_folder(folder, repo_id, token=token, **hub)
+        if _FOLDER_PUSHER is None:
+            raise RuntimeError("No Hub pusher registered: import optimum_sparse (it registers optimum_sparse.hub's).")
+        _FOLDER_PUSHER(folder, repo_id, token=token, **hub)
     return None
 
 

@@ -44,7 +44,12 @@ class NotAPrunedModelError(ValueError):
 # ----- the record ---------------------------------------------------------------------------------------------------
 @dataclass
 class PruningRecord:
-    """Everything worth knowing about how a model was pruned; saved as `pruning_report.json`.
+    """Everything worth knowing about how a model was pruned; saved as `pruning_report.json` (`RECORD_NAME`).
+
+    The persisted side of a run. The engine returns a `PruningReport` (what the blocks did: layers, blocks, timing,
+    inventory, allocation); `PruningRecord.from_run` adds what only the pruner knows (the config, the calibration
+    actually used, perplexity/accuracy, base model, version) and is what is saved and loaded. `record.report` gives
+    the `PruningReport` back. Two classes because the engine must not depend on the config or the save format.
 
     Args:
         config (`PruningConfig`): the run's configuration.

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..allocation.evolution import EvolutionarySearch, check_search_kwargs, run_search, search_info
-from ..allocation.search import SEARCH_DEFAULTS
+from ..allocation.search import SEARCH_DEFAULTS, register_structured_search_check
 from ..allocation.supernet import Supernet
 from ..engine.block import BlockJob
 from ..engine.capture import capture_block_inputs
@@ -399,3 +399,6 @@ def structured_search(model, plan: "StructuredPlan", method, config, input_ids: 
         if info["latency"]["achieved_latency"] > info["latency"]["start_latency"]:  # pragma: no cover - every move
             raise RuntimeError("Structured search exceeded its latency budget.")
     return allocation_record("search", plan, config.sparsity, kept, info, start=start)
+
+
+register_structured_search_check(validate_structured_search)

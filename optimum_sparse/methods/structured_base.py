@@ -1,0 +1,105 @@
+"""The interface of structured pruning methods (tensor math only; the engine is `optimum_sparse.structured.runner`).
+
+A structured method sees, for one structure kind of one block (`"heads"` or `"channels"`), the float32 weight of
+the output projection `[out, G·width]` (its input columns in `G` groups of `width`), its bias, and the
+`InputStats` of that projection's input. It returns which groups to keep and, optionally, compensated weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+from .base import PruningMethod
+from .structured_scoring import InputStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import PruningConfig
+
+__all__ = ["StructuredMethod", "GroupDecision", "ALLOCATIONS"]
+
+ALLOCATIONS = ("uniform", "threshold", "softmax")
+
+
+@dataclass
+class GroupDecision:
+    """What a structured method decided for one module.
+
+    Attributes:
+        keep: sorted indices of the kept groups.
+        weight: float32 `[out, len(keep)·width]` output-projection weight to write (`None`: the kept columns as they
+            are).
+        bias_delta: added to the output projection's bias (`None`: no change); a bias is created if needed.
+        diagnostics: numbers for the report (relative reconstruction error, iterations, ...).
+    """
+
+    keep: torch.Tensor
+    weight: Optional[torch.Tensor] = None
+    bias_delta: Optional[torch.Tensor] = None
+    diagnostics: dict = field(default_factory=dict)
+
+
+class StructuredMethod(PruningMethod):
+    """Base class of the structured methods (`structure` in `"channels"`, `"heads"`, `"channels+heads"`).
+
+    Subclasses set `name`, `stats` (`"norms"`: sums and squares only; `"hessian"`: also `Σ x xᵀ`) and
+    `default_allocation`, and implement `select` (and `allocation_scores` for a non-uniform allocation).
+    `method_kwargs["allocation"]` overrides the allocation rule (see `optimum_sparse.structured.allocation`).
+    """
+
+    structured: ClassVar[bool] = True
+    default_allocation: ClassVar[str] = "uniform"
+    allowed_kwargs: ClassVar[tuple] = ("allocation", "temperature", "max_deviation")
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        if not config.is_structured or config.structure == "experts":
+            raise ValueError(
+                f"PruningConfig.structure must be one of 'channels', 'heads', 'channels+heads' for method "
+                f"{config.method!r}, got {config.structure!r}."
+            )
+        unknown = sorted(set(config.method_kwargs) - set(cls.allowed_kwargs))
+        if unknown:
+            raise ValueError(f"PruningConfig.method_kwargs: unknown keys {unknown} for method {config.method!r}; "
+                             f"allowed: {list(cls.allowed_kwargs)}.")
+        allocation = config.method_kwargs.get("allocation", cls.default_allocation)
+        if allocation == "search":
+            raise ValueError("PruningConfig.method_kwargs['allocation']='search' is not a method rule: the structured "
+                             "search is PruningConfig(allocation='search', allocation_kwargs={...}) (CLI: --allocation "
+                             "search --allocation-kwargs '{...}'); method_kwargs['allocation'] picks the rule among "
+                             f"{list(ALLOCATIONS)} (a search can start from it with allocation_kwargs['init']='method').")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"PruningConfig.method_kwargs['allocation'] must be one of {list(ALLOCATIONS)}, "
+                             f"got {allocation!r}.")
+        temperature = config.method_kwargs.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"PruningConfig.method_kwargs['temperature'] must be a positive number, got {temperature!r}.")
+        deviation = config.method_kwargs.get("max_deviation", 0.2)
+        if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 <= deviation <= 1:
+            raise ValueError(f"PruningConfig.method_kwargs['max_deviation'] must be in [0, 1], got {deviation!r}.")
+
+    @property
+    def allocation(self) -> str:
+        return self.config.method_kwargs.get("allocation", self.default_allocation)
+
+    def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - structured methods prune groups
+        raise TypeError(f"{self.name} is a structured method; it prunes through SparsePruner.apply.")
+
+    def prune_block(self, job) -> None:  # pragma: no cover
+        raise TypeError(f"{self.name} is a structured method; it prunes through SparsePruner.apply.")
+
+    def allocation_scores(self, kind: str, weight: torch.Tensor, stats: InputStats, width: int, cost: int,
+                          reference_energy: float) -> torch.Tensor:
+        """Per-group scores comparable across modules and blocks (lower = prune first), for the allocation.
+
+        `cost` is the number of parameters one group removes; `reference_energy` is `Σ‖h‖²` of the block's input
+        hidden states (the residual stream), for normalisation.
+        """
+        raise NotImplementedError(f"{self.name} has no non-uniform allocation.")
+
+    def select(self, kind: str, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: InputStats, width: int,
+               keep: int) -> GroupDecision:
+        """Chooses `keep` groups of the output projection `weight` (`[out, G·width]`) and their compensation."""
+        raise NotImplementedError
