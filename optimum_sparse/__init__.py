@@ -12,7 +12,9 @@ from .errors import (
     NonFiniteWeightError, OptimumSparseError, OutputPathError, QuantizedWeightError, UnsupportedModelError,
 )
 from .eval import evaluate_perplexity, evaluate_tasks
-from .methods import available_methods, register_method
+from .methods import (ALPSOptions, ELSAOptions, SparseLLMOptions, StructPruneOptions, StructuredOptions,
+                      available_methods, register_method)
+from .options import Options
 from .models import load_model_and_tokenizer
 from .pruner import SparsePruner
 from .version import __version__
@@ -35,4 +37,5 @@ __all__ = [
     "DeviceUnavailableError", "OutputPathError",
     "evaluate_perplexity", "evaluate_tasks", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",
     "merge_and_unload_sparse", "mask_lora_updates",
+    "Options", "ALPSOptions", "ELSAOptions", "SparseLLMOptions", "StructuredOptions", "StructPruneOptions",
 ]

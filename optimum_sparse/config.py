@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+from .options import Options
 from .version import __version__
 
 __all__ = ["PruningConfig", "CONFIG_NAME", "parse_structure", "STRUCTURED", "EXPERT_STATISTICS", "EXPERT_FALLBACKS",
@@ -118,15 +119,18 @@ class PruningConfig:
         device (`str`, *optional*):
             Device for statistics and solves (`"cuda"`, `"cpu"`). Defaults to the device of each block's weights,
             or CUDA when the model sits on the CPU and a GPU is available.
-        method_kwargs (`dict`, defaults to `{}`): Extra method-specific parameters.
+        method_kwargs (`dict` or the method's `Options` dataclass, defaults to `{}`):
+            The method's parameters: its options dataclass (e.g. `ALPSOptions(rho=0.2)`, see
+            `get_method_class(method).options_class`) or the dict of its keys; kept as the dict of the keys that differ
+            from their defaults. Unknown keys are refused.
         allocation (`str`, defaults to `"uniform"`):
             How the global sparsity is split over the pruned linears: `"uniform"`, `"owl"` (outlier-weighted) or
             `"search"` (Týr-style evolutionary search). Every allocation prunes exactly `sparsity` of the pruned
             layers' parameters (N:M structures: per-layer patterns `N_i:M` pruning exactly the uniform N:M count).
             See `docs/allocation.md`. Structured runs take `"uniform"` (the method's own rule,
             `method_kwargs["allocation"]`) or `"search"` (kept heads/channels per block searched, docs/structured.md).
-        allocation_kwargs (`dict`, defaults to `{}`):
-            Allocator parameters: OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`;
+        allocation_kwargs (`dict` or the allocator's `Options` dataclass, defaults to `{}`):
+            Allocator parameters (`get_allocator(allocation).options_class`): OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`;
             structured runs: `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`, with `budget="latency"`).
         layer_sparsity (`dict` or `str`, *optional*):
             Per-layer override, `{full module name: sparsity}` or the path of a JSON file holding one; unlisted layers
@@ -146,25 +150,33 @@ class PruningConfig:
     """
 
     method: str = _help("Pruning method name.", "sparsegpt")
-    sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1).", _DEFAULT_SPARSITY)
-    structure: str = _help("'unstructured' or 'N:M' (N zeros in each M consecutive input weights).", "unstructured")
-    dataset: str = _help("Calibration source when none is passed to apply().", "wiki-offline")
+    sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1) (N:M: leave it, N/M is "
+                                   "used; structure=experts: the fraction of experts removed per block).", _DEFAULT_SPARSITY)
+    structure: str = _help("'unstructured', N:M (e.g. 2:4: N zeros in each M consecutive input weights), or "
+                                 "structured: 'channels', 'heads', 'channels+heads' (with structprune, flap, "
+                                 "wanda-structured or magnitude-structured), 'experts' (with expert-removal).", "unstructured")
+    dataset: str = _help("Calibration source (name, .txt/.jsonl path) when none is passed to apply().", "wiki-offline")
     num_samples: int = _help("Number of calibration sequences.", 128)
     seq_len: int = _help("Tokens per calibration sequence.", 2048)
-    seed: int = _help("Seed of the calibration sampling.", 0)
+    seed: int = _help("Seed of the calibration window sampling.", 0)
     targets: list = _help("Modules to prune (class names, name suffixes, or 're:' regexes).", default_factory=lambda: ["Linear", "Conv1D"])
     ignore: list = _help("Modules to skip (same grammar as targets).", default_factory=list)
     damping: float = _help("Relative Hessian damping.", 0.01)
     block_size: int = _help("Column block size of the OBS solver.", 128)
-    true_sequential: bool = _help("Prune linear groups of a block in order, recollecting statistics.", False)
+    true_sequential: bool = _help("Recollect statistics after each linear group (q/k/v, o, gate/up, down) is pruned.", False)
     batch_size: int = _help("Calibration sequences forwarded at once through a block.", 8)
-    device: Optional[str] = _help("Device for statistics and solves.", None)
-    method_kwargs: dict = _help("Method-specific parameters.", default_factory=dict)
-    allocation: str = _help("Layer-wise allocation: 'uniform', 'owl' or 'search'.", "uniform")
-    allocation_kwargs: dict = _help("Allocator parameters.", default_factory=dict)
-    layer_sparsity: Optional[Any] = _help("Per-layer sparsity override (dict or JSON path).", None)
+    device: Optional[str] = _help("Device for statistics and solves (cuda, cpu).", None)
+    method_kwargs: dict = _help("The method's parameters (its options dataclass or a dict of its keys).", default_factory=dict)
+    allocation: str = _help("Layer-wise sparsity allocation (docs/allocation.md): 'uniform', 'owl' or 'search'; "
+                                  "structured methods: 'uniform' (their own rule, method_kwargs allocation) or "
+                                  "'search' (kept heads/channels searched).", "uniform")
+    allocation_kwargs: dict = _help("Allocator parameters (OWL M/lambda, search settings such as state_dir; structured "
+                                     "search: budget 'params' or 'latency').", default_factory=dict)
+    layer_sparsity: Optional[Any] = _help("Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a "
+                                            "JSON file (N:M: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).", None)
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
-    multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this.", 8)
+    multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for "
+                                 "GPUs).", 8)
     expert_statistics: str = _help("MoE: per-expert statistics from 'routed' tokens (routing-weighted) or 'pooled'.",
                                    "routed")
     min_expert_tokens: Optional[int] = _help("MoE: experts with fewer routed tokens get expert_fallback "
@@ -221,8 +233,9 @@ class PruningConfig:
             except RuntimeError as err:
                 raise ValueError(f"PruningConfig.device: {err}") from err
         self._validate_experts()
-        if not isinstance(self.method_kwargs, dict):
-            raise ValueError(f"PruningConfig.method_kwargs must be a dict, got {self.method_kwargs!r}.")
+        if not isinstance(self.method_kwargs, (dict, Options)):
+            raise ValueError(f"PruningConfig.method_kwargs must be a dict or the method's options dataclass, "
+                             f"got {self.method_kwargs!r}.")
         _run_check("method_options", self)
         if self.is_structured and (self.allocation not in ("uniform", "search") or self.layer_sparsity):
             raise ValueError(
@@ -314,12 +327,15 @@ def cli_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def config_to_cli_args(config: PruningConfig, always: tuple = ()) -> list:
-    """The `optimum-sparse prune` arguments that rebuild `config`: one `[flag, *values]` per field that differs
-    from its default (and per field in `always`), in field order. Dicts are JSON; lists take several values."""
+def config_to_cli_args(config: PruningConfig, always: tuple = (), skip: tuple = ()) -> list:
+    """The `optimum-sparse prune` arguments of the `PruningConfig` fields of `config`: one `[flag, *values]` per field
+    that differs from its default (and per field in `always`), in field order, but the fields in `skip`. Dicts are
+    JSON; lists take several values. `optimum_sparse.schema.config_to_cli_args` adds the typed option flags."""
     defaults = PruningConfig()
     out = []
     for name in CLI_FIELDS:
+        if name in skip:
+            continue
         value = getattr(config, name)
         if name not in always and value == getattr(defaults, name):
             continue

@@ -167,7 +167,7 @@ class SparsePruner:
 
                 self.allocation = allocate(model, self.config, self.method, input_ids, progress)
                 sparsity_for = self.allocation.sparsity_for if self.allocation is not None else None
-            whole_model = self.method.runs_whole_model()  # a capability flag of the method (ELSA: its own data split)
+            whole_model = self.method.whole_model  # a capability flag of the method (ELSA: its own data split)
             self.report = self.method.prune_model(model, input_ids if whole_model else local_ids, sparsity_for,
                                                   progress and rank == 0, tokenizer=tokenizer, checkpoint=checkpoint)
             if self.allocation is not None:

@@ -124,16 +124,17 @@ def test_method_kwargs_must_be_dict():
 
 def _custom_config():
     return PruningConfig(
-        method="wanda", structure="4:8", dataset="data/calib.jsonl", num_samples=16, seq_len=64, seed=7,
+        method="alps", structure="4:8", dataset="data/calib.jsonl", num_samples=16, seq_len=64, seed=7,
         targets=["Linear", "re:mlp\\."], ignore=["o_proj"], damping=0.05, block_size=64, true_sequential=True,
-        batch_size=2, device="cpu", method_kwargs={"alpha": 1.5, "nested": {"k": [1, 2]}},
+        batch_size=2, device="cpu",
+        method_kwargs={"rho": 1.5, "warm_start": "sparsellm", "warm_start_kwargs": {"iterations": 2}},
     )
 
 
 def test_dict_round_trip():
     config = _custom_config()
     data = config.to_dict()
-    assert data["method"] == "wanda" and data["sparsity"] == 0.5 and data["structure"] == "4:8"
+    assert data["method"] == "alps" and data["sparsity"] == 0.5 and data["structure"] == "4:8"
     again = PruningConfig.from_dict(data)
     assert again == config
     assert again.to_dict() == data

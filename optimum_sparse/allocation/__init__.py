@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Optional
 
 from ..config import register_config_check
+from ..options import Options
 from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, available_allocators, fit_counts,
                    get_allocator, register_allocator, target_modules)
 from .nm import fit_nm_steps, nm_allocation, nm_budget
@@ -45,8 +46,15 @@ def validate_allocation(config: "PruningConfig") -> None:
     if not isinstance(config.allocation, str):
         raise ValueError(f"PruningConfig.allocation must be one of {available_allocators()}, got {config.allocation!r}.")
     cls = get_allocator(config.allocation)
+    if isinstance(config.allocation_kwargs, Options):  # the dataclass form: kept as the dict of its non-default keys
+        if config.is_structured:
+            raise ValueError("PruningConfig.allocation_kwargs of a structured search is a dict (keys of "
+                             "optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS), not "
+                             f"{type(config.allocation_kwargs).__name__}.")
+        config.allocation_kwargs = cls.options_from_config(config).to_kwargs()
     if not isinstance(config.allocation_kwargs, dict):
-        raise ValueError(f"PruningConfig.allocation_kwargs must be a dict, got {config.allocation_kwargs!r}.")
+        raise ValueError(f"PruningConfig.allocation_kwargs must be a dict or the allocator's options dataclass, "
+                         f"got {config.allocation_kwargs!r}.")
     config.layer_sparsity = load_layer_sparsity(config.layer_sparsity)
     if config.nm is not None and config.layer_sparsity:  # per-layer N_i:M patterns: multiples of 1/M
         check_nm_override(config.layer_sparsity, config.nm, config.structure)

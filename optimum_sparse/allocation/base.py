@@ -7,6 +7,7 @@ count, `Σ floor(numelᵢ·sᵢ)`, equals `floor(Σ numelᵢ · target)` exactly
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 import torch.nn as nn
 
 from ..methods.masks import num_pruned
+from ..options import NoOptions, Options
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -221,25 +223,33 @@ def allocation_from_counts(method: str, target: float, modules: Sequence[TargetM
 class Allocator:
     """Base class of allocators: `allocate` returns an `Allocation` that meets `config.sparsity` exactly.
 
-    A subclass sets `name`, `needs_calibration` and `validate_kwargs` (called by `PruningConfig`, before any model is
-    loaded) and implements `allocate`.
+    A subclass sets `name`, `needs_calibration` and `options_class` (its `allocation_kwargs` as an
+    `optimum_sparse.options.Options` dataclass, checked by `PruningConfig` before any model is loaded; read as
+    `self.options`) and implements `allocate`.
     """
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
-    kwarg_names: ClassVar[tuple] = ()
+    options_class: ClassVar[type[Options]] = NoOptions
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
         self.kwargs = dict(config.allocation_kwargs)
 
+    @functools.cached_property
+    def options(self) -> Options:
+        """The allocator's parameters (`options_class` from `config.allocation_kwargs`), built on first use."""
+        return self.options_from_config(self.config)
+
+    @classmethod
+    def options_from_config(cls, config: "PruningConfig") -> Options:
+        """`options_class` from `config.allocation_kwargs` (unknown keys raise `ValueError`)."""
+        return cls.options_class.from_kwargs(config.allocation_kwargs, f"allocation={cls.name!r}")
+
     @classmethod
     def validate_kwargs(cls, config: "PruningConfig") -> None:
-        """Raises `ValueError` for unknown or invalid `allocation_kwargs`."""
-        unknown = sorted(set(config.allocation_kwargs) - set(cls.kwarg_names))
-        if unknown:
-            raise ValueError(f"PruningConfig.allocation_kwargs: unknown keys {unknown} for allocation={cls.name!r}; "
-                             f"allowed: {sorted(cls.kwarg_names)}.")
+        """Raises `ValueError` for unknown or invalid `allocation_kwargs` (`Options.check`)."""
+        cls.options_from_config(config).check(config)
 
     def allocate(self, model: nn.Module, modules: list[TargetModule], method: "PruningMethod",
                  input_ids: Optional["torch.Tensor"], progress: bool = True) -> Allocation:
@@ -247,7 +257,10 @@ class Allocator:
 
 
 def register_allocator(cls: type[Allocator]) -> type[Allocator]:
-    """Class decorator adding an allocator to the registry under `cls.name`."""
+    """Class decorator adding an allocator to the registry under `cls.name`; a name taken by another class is refused."""
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"Allocator name {cls.name!r} is already registered by {taken.__module__}.{taken.__qualname__}.")
     _REGISTRY[cls.name] = cls
     return cls
 

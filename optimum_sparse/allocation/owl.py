@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -21,6 +23,7 @@ from ..engine.linears import read_weight
 from ..engine.sequential import run_sequential
 from ..methods.base import PruningMethod
 from ..methods.masks import num_pruned
+from ..options import Options, option
 from .base import Allocator, allocation_from_counts, fit_counts, register_allocator
 from .nm import fit_nm_steps, nm_allocation, nm_budget
 
@@ -66,30 +69,40 @@ class _OutlierProbe(PruningMethod):
         self.ratios[job.index] = outlier_ratio(scores, self.m)
 
 
-@register_allocator
-class OWLAllocator(Allocator):
-    """Outlier-weighted layer-wise sparsity. `allocation_kwargs`: `M` (outlier threshold, default 5) and `lambda`
-    (band half-width, default 0.08; the paper's values at 70%)."""
+@dataclass
+class OWLOptions(Options):
+    """`allocation_kwargs` of `allocation="owl"`."""
 
-    name = "owl"
-    needs_calibration = True
-    kwarg_names = ("M", "lambda")
+    label = "OWL"
+    kind = "allocation_kwargs"
 
-    @classmethod
-    def validate_kwargs(cls, config):
-        super().validate_kwargs(config)
-        m = config.allocation_kwargs.get("M", DEFAULT_M)
-        lam = config.allocation_kwargs.get("lambda", DEFAULT_LAMBDA)
+    M: float = option(DEFAULT_M, "Outlier threshold: a weight score above M times its layer's mean is an outlier.")
+    lambda_: Optional[float] = option(None, "Half-width of the sparsity band around the target (default 0.08; N:M: "
+                                            "one step, 1/M).", key="lambda")
+
+    def check(self, config) -> None:
+        m, lam = self.M, DEFAULT_LAMBDA if self.lambda_ is None else self.lambda_
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
             raise ValueError(f"PruningConfig.allocation_kwargs['M'] must be a positive number, got {m!r}.")
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < 1:
             raise ValueError(f"PruningConfig.allocation_kwargs['lambda'] must be a number in [0, 1), got {lam!r}.")
 
+
+@register_allocator
+class OWLAllocator(Allocator):
+    """Outlier-weighted layer-wise sparsity. `allocation_kwargs`: `OWLOptions` (`M`, default 5, and `lambda`, band
+    half-width, default 0.08: the paper's values at 70%)."""
+
+    name = "owl"
+    needs_calibration = True
+    options_class = OWLOptions
+
     def allocate(self, model, modules, method, input_ids, progress=True):
-        m = float(self.kwargs.get("M", DEFAULT_M))
+        m = float(self.options.M)
         nm = self.config.nm
         # N:M: one N step each side by default (0.08 is less than one step for M < 13: OWL would be uniform)
-        lam = float(self.kwargs.get("lambda", DEFAULT_LAMBDA if nm is None else 1.0 / nm[1]))
+        lam = float(self.options.lambda_ if self.options.lambda_ is not None else
+                    DEFAULT_LAMBDA if nm is None else 1.0 / nm[1])
         target = self.config.sparsity
         if input_ids is None:
             raise ValueError("allocation='owl' needs calibration data.")

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,6 +31,7 @@ from ..engine.linears import read_weight, write_weight
 from ..engine.sequential import check_targets, run_sequential
 from ..methods.base import PruningMethod, get_method_class
 from ..methods.masks import num_pruned
+from ..options import Options, option
 from .base import Allocator, allocation_from_counts, fit_counts, register_allocator
 from .evolution import EvolutionarySearch, check_search_kwargs, mutate, run_search, search_info
 from .nm import fit_nm_steps, nm_budget, steps_to_counts
@@ -37,38 +39,49 @@ from .owl import OWLAllocator
 from .supernet import Supernet, SupernetBuilder
 from .uniform import uniform_counts
 
-__all__ = ["SearchAllocator", "search_allocation", "SEARCH_DEFAULTS", "mutate"]
+__all__ = ["SearchAllocator", "SearchOptions", "search_allocation", "SEARCH_DEFAULTS", "mutate"]
 
 logger = logging.getLogger(__name__)
 
-SEARCH_DEFAULTS = {
-    "init": "uniform",           # starting distribution: "uniform" or "owl" (OWL's, with its default M and lambda)
-    "levels": 2,                 # ladder variants on each side of the centre
-    "step": 0.05,                # first-round step, as a fraction of each linear; halved every round
-    "rounds": 2,                 # coarse-to-fine rounds (a supernet each)
-    "generations": 20,           # per round
-    "offspring": 16,             # children per generation
-    "survivors": 4,              # children kept after the first screening stage
-    "screen_fraction": 0.25,     # share of the search set used for the screening stage
-    "max_flips": 3,              # a child makes min(U{1..F}, U{1..F}) budget-neutral moves
-    "fitness": "kl",             # "kl", "hidden" or "kl+hidden"
-    "kl_topk": 512,              # teacher tokens per position for the KL
-    "hidden_weight": 1.0,        # weight of the hidden-state term in "kl+hidden"
-    "search_samples": None,      # calibration sequences used to score candidates (None: all)
-    "search_batch_size": None,   # sequences per scoring forward (None: the config's batch_size)
-    "accumulation": "expectation",  # "expectation", "centre" or "none" while building the supernet
-    "min_sparsity": 0.0,         # bounds of every linear's sparsity
-    "max_sparsity": 0.95,
-    "state_dir": None,           # folder of the resumable state (None: a temporary folder, no resume)
-    "keep_supernet": False,      # keep the variant files when the search ends
-}
+@dataclass
+class SearchOptions(Options):
+    """`allocation_kwargs` of `allocation="search"` (unstructured and N:M runs; structured runs take
+    `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`)."""
+
+    label = "search"
+    kind = "allocation_kwargs"
+
+    init: str = option("uniform", "Starting distribution: 'uniform' or 'owl' (OWL's, with its default M and lambda).")
+    levels: int = option(2, "Ladder variants on each side of the centre.")
+    step: float = option(0.05, "First-round step, as a fraction of each linear; halved every round.")
+    rounds: int = option(2, "Coarse-to-fine rounds (a supernet each).")
+    generations: int = option(20, "Generations per round.")
+    offspring: int = option(16, "Children per generation.")
+    survivors: int = option(4, "Children kept after the first screening stage.")
+    screen_fraction: float = option(0.25, "Share of the search set used for the screening stage.")
+    max_flips: int = option(3, "A child makes min(U{1..F}, U{1..F}) budget-neutral moves.")
+    fitness: str = option("kl", "'kl', 'hidden' or 'kl+hidden'.")
+    kl_topk: int = option(512, "Teacher tokens per position for the KL.")
+    hidden_weight: float = option(1.0, "Weight of the hidden-state term in 'kl+hidden'.")
+    search_samples: Optional[int] = option(None, "Calibration sequences used to score candidates (default: all).")
+    search_batch_size: Optional[int] = option(None, "Sequences per scoring forward (default: the config's batch_size).")
+    accumulation: str = option("expectation", "'expectation', 'centre' or 'none' while building the supernet.")
+    min_sparsity: float = option(0.0, "Lower bound of every linear's sparsity.")
+    max_sparsity: float = option(0.95, "Upper bound of every linear's sparsity.")
+    state_dir: Optional[str] = option(None, "Folder of the resumable state (default: a temporary folder, no resume).")
+    keep_supernet: bool = option(False, "Keep the variant files when the search ends.")
+
+    def check(self, config) -> None:
+        _validate(config, self.to_dict())
 
 
-def _validate(config) -> dict:
-    kw = {**SEARCH_DEFAULTS, **config.allocation_kwargs}
+SEARCH_DEFAULTS = SearchOptions.defaults()  # {key: default}, also the base of the structured search's settings
+
+
+def _validate(config, kw: dict) -> dict:
     check_search_kwargs(kw, ("uniform", "owl"), config.sparsity)
     method_cls = get_method_class(config.method)
-    if method_cls.prune_block is not PruningMethod.prune_block:
+    if not method_cls.per_linear:
         raise ValueError(f"allocation='search' builds its variants with a local method (one linear at a time, e.g. "
                          f"'magnitude', 'wanda', 'sparsegpt'); {config.method!r} prunes blocks jointly.")
     return kw
@@ -171,7 +184,7 @@ def search_allocation(model, modules, method: PruningMethod, config, input_ids: 
         input_ids: calibration token ids `[n, seq_len]`; the first `search_samples` also score the candidates.
         stop_after: stop after this many generations in this call (the state on disk lets a rerun resume).
     """
-    kw = _validate(config)
+    kw = _validate(config, SearchOptions.from_kwargs(config.allocation_kwargs, "allocation='search'").to_dict())
     if input_ids is None:
         raise ValueError("allocation='search' needs calibration data.")
     if any(is_offloaded(b) for b in find_blocks(model, get_architecture(model))):
@@ -209,7 +222,7 @@ class SearchAllocator(Allocator):
 
     name = "search"
     needs_calibration = True
-    kwarg_names = tuple(SEARCH_DEFAULTS)
+    options_class = SearchOptions
 
     @classmethod
     def validate_kwargs(cls, config):
@@ -219,7 +232,6 @@ class SearchAllocator(Allocator):
             _STRUCTURED_SEARCH_CHECK(config)
             return
         super().validate_kwargs(config)
-        _validate(config)
 
     def allocate(self, model, modules, method, input_ids, progress=True):
         return search_allocation(model, modules, method, self.config, input_ids, progress)

@@ -4,4 +4,12 @@ from .base import LinearStats, PruningMethod, available_methods, get_method_clas
 from . import alps, elsa, magnitude, sparsegpt, sparsellm, wanda  # noqa: F401  (registration)
 from . import expert_removal, flap, structprune, wanda_structured  # noqa: F401  (structured methods)
 
-__all__ = ["LinearStats", "PruningMethod", "available_methods", "get_method_class", "register_method"]
+from ..options import NoOptions, Options  # noqa: E402
+from .alps import ALPSOptions  # noqa: E402
+from .elsa import ELSAOptions  # noqa: E402
+from .sparsellm import SparseLLMOptions  # noqa: E402
+from .structprune import StructPruneOptions  # noqa: E402
+from .structured_base import StructuredOptions  # noqa: E402
+
+__all__ = ["LinearStats", "PruningMethod", "available_methods", "get_method_class", "register_method", "Options",
+           "NoOptions", "ALPSOptions", "ELSAOptions", "SparseLLMOptions", "StructuredOptions", "StructPruneOptions"]

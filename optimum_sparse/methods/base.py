@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 
 from ..config import register_config_check
 from ..engine.stats import LinearStats
+from ..options import NoOptions, Options
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
     from ..engine.block import BlockJob
     from ..engine.sequential import PruningReport
 
-__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config"]
+__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config",
+           "Options", "NoOptions"]
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
 
@@ -22,35 +25,57 @@ _REGISTRY: dict[str, type["PruningMethod"]] = {}
 class PruningMethod:
     """Base class of pruning methods: tensor math only, no hooks, devices or models.
 
-    A subclass sets `name` and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
-    collects) and implements `prune_weight`. Methods that solve several linears jointly (SparseLLM) override
+    A subclass sets `name`, its capability flags (`whole_model`, `per_linear`, `structured`, `column_blocks`) and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
+    collects) and implements `prune_weight`. Its parameters are a dataclass `options_class` (an
+    `optimum_sparse.options.Options`: fields with defaults and help), given as `PruningConfig.method_kwargs` and
+    read as `self.options`. Methods that solve several linears jointly (SparseLLM) override
     `prune_block`, which receives a `BlockJob` from the engine. Methods that do not work block by block (ELSA trains
     the whole model) override `prune_model`.
     """
 
     name: ClassVar[str] = ""
     stats: ClassVar[str] = "hessian"
+    options_class: ClassVar[type[Options]] = NoOptions  # the method's parameters (`method_kwargs`)
     column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
-    # Capability: the method runs on the whole model and splits the calibration data across processes itself (ELSA);
-    # otherwise the pruner hands each rank its own shard and the engine prunes block by block. `None`: decided from
-    # whether the class overrides `prune_model` (methods written before the flag).
-    whole_model: ClassVar[Optional[bool]] = None
+    # Capabilities, read by the pruner and the allocators (never decided by looking at which methods a class overrides):
+    # `whole_model`: `prune_model` runs on the whole model and gets every calibration window, splitting them across
+    # processes itself (ELSA); otherwise the pruner hands each rank its own shard and the engine prunes block by block.
+    whole_model: ClassVar[bool] = False
+    # `per_linear`: each linear is pruned on its own statistics (`prune_layer`), so the search can build per-linear
+    # variants with the method; False when `prune_block` solves linears jointly or runs another method first.
+    per_linear: ClassVar[bool] = True
+    # `structured`: removes whole channels/heads/experts (the model shrinks); the rest prune unstructured or N:M.
+    structured: ClassVar[bool] = False
 
     @classmethod
     def runs_whole_model(cls) -> bool:
-        """Whether `prune_model` gets every calibration window (see `whole_model`)."""
-        if cls.whole_model is not None:
-            return cls.whole_model
-        return cls.prune_model is not PruningMethod.prune_model
+        """Whether `prune_model` gets every calibration window (the `whole_model` flag)."""
+        return bool(cls.whole_model)
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
 
+    @functools.cached_property
+    def options(self) -> Options:
+        """The method's parameters (`options_class` from `config.method_kwargs`), built on first use."""
+        return self.options_from_config(self.config)
+
+    @classmethod
+    def options_from_config(cls, config: "PruningConfig") -> Options:
+        """The method's `options_class` built from `config.method_kwargs` (unknown keys raise `ValueError`)."""
+        return cls.options_class.from_kwargs(config.method_kwargs, f"method {config.method!r}")
+
+    @classmethod
+    def check_options(cls, config: "PruningConfig") -> None:
+        """Builds and checks the method's options (`Options.check`); called by `validate_config`."""
+        cls.options_from_config(config).check(config)
+
     @classmethod
     def validate_config(cls, config: "PruningConfig") -> None:
-        """Raises `ValueError` for settings this method does not support. Called by `PruningConfig`."""
+        """Raises `ValueError` for settings this method does not support (and bad `method_kwargs`, through
+        `check_options`). Called by `PruningConfig`."""
         if config.is_structured:
-            structured = sorted(n for n, c in _REGISTRY.items() if getattr(c, "structured", False))
+            structured = sorted(n for n, c in _REGISTRY.items() if c.structured)
             raise ValueError(f"PruningConfig.structure={config.structure!r} needs a structured method {structured}; "
                              f"{config.method!r} prunes unstructured or N:M.")
         nm = config.nm
@@ -60,6 +85,7 @@ class PruningMethod:
                 f"{config.structure!r}: {cls.name!r} solves {config.block_size}-column blocks, each holding whole "
                 f"groups of M inputs (e.g. block_size={config.block_size // nm[1] * nm[1] or nm[1]})."
             )
+        cls.check_options(config)
 
     def layer_nm(self, sparsity: float) -> Optional[tuple[int, int]]:
         """The N:M pattern of a layer pruned at `sparsity` (`(N_i, M)`, `N_i = sparsity · M`: layer-wise N:M
@@ -144,7 +170,10 @@ def _check_method_name(config: "PruningConfig") -> None:
 
 
 def _check_method_options(config: "PruningConfig") -> None:
-    _REGISTRY[config.method].validate_config(config)
+    cls = _REGISTRY[config.method]
+    if isinstance(config.method_kwargs, Options):  # the dataclass form: kept as the dict of its non-default keys
+        config.method_kwargs = cls.options_from_config(config).to_kwargs()
+    cls.validate_config(config)
 
 
 register_config_check("method", _check_method_name)
@@ -162,9 +191,11 @@ def warm_start_config(config: "PruningConfig", options: dict, exclude: tuple = (
             raise ValueError("method_kwargs['warm_start_kwargs'] is given without a 'warm_start' method.")
         return None
     allowed = [m for m in available_methods() if m not in exclude and m != config.method
-               and not getattr(get_method_class(m), "structured", False)]  # whole channels: not a mask warm start
+               and not get_method_class(m).structured]  # whole channels: not a mask warm start
     if warm not in allowed:
         raise ValueError(f"method_kwargs['warm_start'] must be None or one of {allowed}, got {warm!r}.")
+    if isinstance(kwargs, Options):
+        kwargs = kwargs.to_kwargs()
     if not isinstance(kwargs, dict):
         raise ValueError(f"method_kwargs['warm_start_kwargs'] must be a dict, got {kwargs!r}.")
     return dataclasses.replace(config, method=warm, method_kwargs=dict(kwargs))

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..options import Options, option
 from .base import PruningMethod, register_method
 from .linalg import SymmetricGram, damped_cholesky
 from .masks import layer_nm
@@ -40,21 +41,40 @@ from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.experts import ExpertLinear
 from ..engine.linears import read_weight
 
-__all__ = ["SparseLLMPruning", "FFNProblem", "solve_ffn"]
+__all__ = ["SparseLLMPruning", "SparseLLMOptions", "FFNProblem", "solve_ffn"]
 
 logger = logging.getLogger(__name__)
 
-_DEFAULTS = {
-    "iterations": 1,
-    "alpha": 1.0,
-    "beta": 1.0,
-    "gamma": 1.0,
-    "newton_steps": 2,
-    "refit_down": True,
-    "chunk_tokens": 4096,
-    "activation_device": None,
-    "ffn_target": "dense_ffn",
-}
+@dataclass
+class SparseLLMOptions(Options):
+    """`method_kwargs` of `method="sparsellm"`."""
+
+    label = "SparseLLM"
+
+    iterations: int = option(1, "Alternating passes over the FFN's auxiliary variables (0: SparseGPT on each linear).")
+    alpha: float = option(1.0, "Weight of the up/gate output term (scale-free).")
+    beta: float = option(1.0, "Weight of the activation term (scale-free).")
+    gamma: float = option(1.0, "Weight of the down output term (scale-free).")
+    newton_steps: int = option(2, "Newton steps of the activation update.")
+    refit_down: bool = option(True, "Refit the down projection on its final mask.")
+    chunk_tokens: int = option(4096, "Tokens per chunk of the FFN activations.")
+    activation_device: Optional[str] = option(None, "Where the FFN activations live (default: the solve device when "
+                                                    "they fit in a quarter of its free memory, else CPU).")
+    ffn_target: str = option("dense_ffn", "Target of the FFN solve: the dense FFN's outputs on the pruned inputs "
+                                          "('dense_ffn') or the dense model's ('dense_model').",
+                             choices=("dense_ffn", "dense_model"))
+
+    def check(self, config) -> None:
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"method_kwargs['iterations'] must be an integer >= 0, got {self.iterations!r}.")
+        for key in ("alpha", "beta", "gamma"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"method_kwargs[{key!r}] must be a positive number, got {value!r}.")
+        if self.ffn_target not in ("dense_ffn", "dense_model"):
+            raise ValueError(
+                f"method_kwargs['ffn_target'] must be 'dense_ffn' or 'dense_model', got {self.ffn_target!r}."
+            )
 
 
 @dataclass
@@ -391,37 +411,19 @@ def _resolve(block: nn.Module, path: str):
 class SparseLLMPruning(PruningMethod):
     """SparseLLM: attention by SparseGPT, each FFN solved jointly (see the module docstring).
 
-    `method_kwargs`: `iterations` (1), `alpha`/`beta`/`gamma` (1.0, scale-free), `newton_steps` (2),
-    `refit_down` (True), `chunk_tokens` (4096), `activation_device` (auto: the solve device when the FFN
-    activations fit in a quarter of its free memory, else CPU).
+    `method_kwargs`: `SparseLLMOptions` (`iterations`, `alpha`/`beta`/`gamma`, `newton_steps`, `refit_down`,
+    `chunk_tokens`, `activation_device`: auto, the solve device when the FFN activations fit in a quarter of its free
+    memory, else CPU; `ffn_target`).
     """
 
     name = "sparsellm"
     stats = "hessian"
     column_blocks = True
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        unknown = set(config.method_kwargs) - set(_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"PruningConfig.method_kwargs: unknown SparseLLM parameters {sorted(unknown)}; allowed: {sorted(_DEFAULTS)}."
-            )
-        kw = {**_DEFAULTS, **config.method_kwargs}
-        if not isinstance(kw["iterations"], int) or kw["iterations"] < 0:
-            raise ValueError(f"method_kwargs['iterations'] must be an integer >= 0, got {kw['iterations']!r}.")
-        for key in ("alpha", "beta", "gamma"):
-            if not isinstance(kw[key], (int, float)) or not kw[key] > 0:
-                raise ValueError(f"method_kwargs[{key!r}] must be a positive number, got {kw[key]!r}.")
-        if kw["ffn_target"] not in ("dense_ffn", "dense_model"):
-            raise ValueError(
-                f"method_kwargs['ffn_target'] must be 'dense_ffn' or 'dense_model', got {kw['ffn_target']!r}."
-            )
+    options_class = SparseLLMOptions
+    per_linear = False  # the FFN is solved jointly
 
     def __init__(self, config):
         super().__init__(config)
-        self.options = {**_DEFAULTS, **config.method_kwargs}
         self.local = SparseGPTPruning(config)
         self._dense_stream: Optional[tuple[int, list]] = None  # (block index, dense model's block outputs)
 
@@ -451,7 +453,7 @@ class SparseLLMPruning(PruningMethod):
         return outputs
 
     def prune_block(self, job) -> None:
-        dense_outputs = self._dense_outputs(job) if self.options["ffn_target"] == "dense_model" else None
+        dense_outputs = self._dense_outputs(job) if self.options.ffn_target == "dense_model" else None
         names = self._ffn_names(job)
         experts = [n for n, m in job.linears.items() if isinstance(m, ExpertLinear)]
         if experts:  # a mixture-of-experts block: methods/sparsellm_moe.py
@@ -570,8 +572,8 @@ class SparseLLMPruning(PruningMethod):
 
         result = solve_ffn(
             problem, prune_in, lambda w, h: sgpt(w, h, down), device, storage,
-            iterations=opts["iterations"], alpha=opts["alpha"], beta=opts["beta"], gamma=opts["gamma"],
-            newton_steps=opts["newton_steps"], refit_down=opts["refit_down"], damping=cfg.damping,
+            iterations=opts.iterations, alpha=opts.alpha, beta=opts.beta, gamma=opts.gamma,
+            newton_steps=opts.newton_steps, refit_down=opts.refit_down, damping=cfg.damping,
         )
         start = 0
         for name, r in zip(in_names, rows):
@@ -587,8 +589,8 @@ class SparseLLMPruning(PruningMethod):
                     job.index, result.error, result.sparsegpt_error, result.best)
 
     def _storage_device(self, job, device: torch.device, mlp=None) -> torch.device:
-        if self.options["activation_device"] is not None:
-            return torch.device(self.options["activation_device"])
+        if self.options.activation_device is not None:
+            return torch.device(self.options.activation_device)
         if device.type != "cuda":
             return device
         down = job.linears[(mlp or job.spec.mlp).down]
@@ -598,7 +600,7 @@ class SparseLLMPruning(PruningMethod):
         return device if need < free / 4 else torch.device("cpu")
 
     def _rechunk(self, t: torch.Tensor) -> list:
-        return list(torch.split(t, self.options["chunk_tokens"]))
+        return list(torch.split(t, self.options.chunk_tokens))
 
     @staticmethod
     def _bias(module, device, gate_module=None):

@@ -148,8 +148,8 @@ def prune_experts(method: "SparseLLMPruning", job: "BlockJob", names: list[str])
             w_in, w_down = read_weight(up, job.device), read_weight(down, job.device)
             b_in = up.bias.detach().to(job.device, torch.float32) if up.bias is not None else None
             b_down = down.bias.detach().to(job.device, torch.float32) if down.bias is not None else None
-            chunks = list(torch.split(rows[e], opts["chunk_tokens"])) or [rows[e]]
-            r = list(torch.split(weights[e], opts["chunk_tokens"])) or [weights[e]]
+            chunks = list(torch.split(rows[e], opts.chunk_tokens)) or [rows[e]]
+            r = list(torch.split(weights[e], opts.chunk_tokens)) or [weights[e]]
             problem = FFNProblem(chunks, None, w_in, b_in, w_down, b_down, experts.act_fn, True,
                                  weights=None if pooled else r)
             factor = []
@@ -163,9 +163,9 @@ def prune_experts(method: "SparseLLMPruning", job: "BlockJob", names: list[str])
 
             result = solve_ffn(
                 problem, lambda w, h: sgpt(w, h, up_name, reuse=True), lambda w, h: sgpt(w, h, down_name),
-                job.device, torch.device(opts["activation_device"]) if opts["activation_device"] else job.device,
-                iterations=opts["iterations"], alpha=opts["alpha"], beta=opts["beta"], gamma=opts["gamma"],
-                newton_steps=opts["newton_steps"], refit_down=opts["refit_down"], damping=cfg.damping,
+                job.device, torch.device(opts.activation_device) if opts.activation_device else job.device,
+                iterations=opts.iterations, alpha=opts.alpha, beta=opts.beta, gamma=opts.gamma,
+                newton_steps=opts.newton_steps, refit_down=opts.refit_down, damping=cfg.damping,
             )
             extra = {"routed_tokens": counts[e], "expert_statistics": cfg.expert_statistics, "solver": "sparsellm",
                      "ffn_error": result.error, "ffn_error_sparsegpt": result.sparsegpt_error}

@@ -24,14 +24,16 @@ softmax of the modules' standardised log-energies (see `optimum_sparse.structure
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from .structured_base import GroupDecision, StructuredMethod
+from ..options import option
+from .structured_base import GroupDecision, StructuredMethod, StructuredOptions
 from .structured_scoring import damped, expand_groups, greedy_obs, obs_group_scores, solve_on_support, support_error
 from .base import register_method
 
-__all__ = ["StructPrunePruning", "admm_group_support"]
+__all__ = ["StructPrunePruning", "StructPruneOptions", "admm_group_support"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +83,31 @@ def admm_group_support(weight: torch.Tensor, H: torch.Tensor, width: int, keep: 
     return support.nonzero().flatten(), iters
 
 
+@dataclass
+class StructPruneOptions(StructuredOptions):
+    """`method_kwargs` of `method="structprune"`."""
+
+    rho: float = option(0.1, "Initial ADMM penalty.")
+    admm_iters: int = option(30, "ADMM iterations per module.")
+    bias_correction: bool = option(True, "Solve a bias delta of the output projection with the kept weights (adds a "
+                                         "bias to o_proj/down_proj when they have none).")
+
+    def check(self, config) -> None:
+        super().check(config)
+        rho, iters = self.rho, self.admm_iters
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
+            raise ValueError(f"PruningConfig.method_kwargs['rho'] must be a positive number, got {rho!r}.")
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"PruningConfig.method_kwargs['admm_iters'] must be a positive integer, got {iters!r}.")
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError("PruningConfig.method_kwargs['bias_correction'] must be True or False.")
+
+
 @register_method
 class StructPrunePruning(StructuredMethod):
     """Structured pruning by per-module ADMM with OBS compensation and softmax-energy layer-wise allocation.
 
-    `method_kwargs`: `allocation` (`"softmax"`, `"threshold"`, `"uniform"`), `temperature` (softmax, default 1),
+    `method_kwargs` (`StructPruneOptions`): `allocation` (`"softmax"`, `"threshold"`, `"uniform"`), `temperature` (softmax, default 1),
     `max_deviation` (softmax: per-module sparsity within ±this of the target, default 0.2), `rho` (initial ADMM
     penalty, default 0.1), `admm_iters` (default 30), `bias_correction` (default `True`: solve a bias delta of the
     output projection with the kept weights; adds a bias to o_proj/down_proj when they have none).
@@ -94,20 +116,7 @@ class StructPrunePruning(StructuredMethod):
     name = "structprune"
     stats = "hessian"
     default_allocation = "softmax"
-    allowed_kwargs = StructuredMethod.allowed_kwargs + ("rho", "admm_iters", "bias_correction")
-
-    @classmethod
-    def validate_config(cls, config) -> None:
-        super().validate_config(config)
-        kw = config.method_kwargs
-        rho = kw.get("rho", 0.1)
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho > 0:
-            raise ValueError(f"PruningConfig.method_kwargs['rho'] must be a positive number, got {rho!r}.")
-        iters = kw.get("admm_iters", 30)
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"PruningConfig.method_kwargs['admm_iters'] must be a positive integer, got {iters!r}.")
-        if not isinstance(kw.get("bias_correction", True), bool):
-            raise ValueError("PruningConfig.method_kwargs['bias_correction'] must be True or False.")
+    options_class = StructPruneOptions
 
     def allocation_scores(self, kind, weight, stats, width, cost, reference_energy):
         H = damped(stats.hessian, self.config.damping)

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
+from ..options import Options, option
 from .base import PruningMethod
 from .structured_scoring import InputStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
 
-__all__ = ["StructuredMethod", "GroupDecision", "ALLOCATIONS"]
+__all__ = ["StructuredMethod", "StructuredOptions", "GroupDecision", "ALLOCATIONS"]
 
 ALLOCATIONS = ("uniform", "threshold", "softmax")
 
@@ -41,16 +42,45 @@ class GroupDecision:
     diagnostics: dict = field(default_factory=dict)
 
 
+@dataclass
+class StructuredOptions(Options):
+    """`method_kwargs` of the structured methods (`structprune`, `flap`, `wanda-structured`, `magnitude-structured`)."""
+
+    allocation: Optional[str] = option(None, "Layer-wise rule: 'uniform', 'threshold' or 'softmax' (default: the "
+                                             "method's own).")
+    temperature: float = option(1.0, "Softmax allocation: temperature.")
+    max_deviation: float = option(0.2, "Softmax allocation: per-module sparsity within this of the target.")
+
+    def check(self, config) -> None:
+        allocation = self.allocation
+        if allocation == "search":
+            raise ValueError("PruningConfig.method_kwargs['allocation']='search' is not a method rule: the structured "
+                             "search is PruningConfig(allocation='search', allocation_kwargs={...}) (CLI: --allocation "
+                             "search --allocation-kwargs '{...}'); method_kwargs['allocation'] picks the rule among "
+                             f"{list(ALLOCATIONS)} (a search can start from it with allocation_kwargs['init']='method').")
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise ValueError(f"PruningConfig.method_kwargs['allocation'] must be one of {list(ALLOCATIONS)}, "
+                             f"got {allocation!r}.")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"PruningConfig.method_kwargs['temperature'] must be a positive number, got {temperature!r}.")
+        deviation = self.max_deviation
+        if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 <= deviation <= 1:
+            raise ValueError(f"PruningConfig.method_kwargs['max_deviation'] must be in [0, 1], got {deviation!r}.")
+
+
 class StructuredMethod(PruningMethod):
     """Base class of the structured methods (`structure` in `"channels"`, `"heads"`, `"channels+heads"`).
 
     Subclasses set `name`, `stats` (`"norms"`: sums and squares only; `"hessian"`: also `Σ x xᵀ`) and
     `default_allocation`, and implement `select` (and `allocation_scores` for a non-uniform allocation).
-    `method_kwargs["allocation"]` overrides the allocation rule (see `optimum_sparse.structured.allocation`).
+    `method_kwargs`: `options_class` (`StructuredOptions`: `allocation` overrides the allocation rule, see
+    `optimum_sparse.structured.allocation`).
     """
 
     structured: ClassVar[bool] = True
     default_allocation: ClassVar[str] = "uniform"
+    options_class: ClassVar[type[Options]] = StructuredOptions
     allowed_kwargs: ClassVar[tuple] = ("allocation", "temperature", "max_deviation")
 
     @classmethod
@@ -60,29 +90,15 @@ class StructuredMethod(PruningMethod):
                 f"PruningConfig.structure must be one of 'channels', 'heads', 'channels+heads' for method "
                 f"{config.method!r}, got {config.structure!r}."
             )
-        unknown = sorted(set(config.method_kwargs) - set(cls.allowed_kwargs))
-        if unknown:
-            raise ValueError(f"PruningConfig.method_kwargs: unknown keys {unknown} for method {config.method!r}; "
-                             f"allowed: {list(cls.allowed_kwargs)}.")
-        allocation = config.method_kwargs.get("allocation", cls.default_allocation)
-        if allocation == "search":
-            raise ValueError("PruningConfig.method_kwargs['allocation']='search' is not a method rule: the structured "
-                             "search is PruningConfig(allocation='search', allocation_kwargs={...}) (CLI: --allocation "
-                             "search --allocation-kwargs '{...}'); method_kwargs['allocation'] picks the rule among "
-                             f"{list(ALLOCATIONS)} (a search can start from it with allocation_kwargs['init']='method').")
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"PruningConfig.method_kwargs['allocation'] must be one of {list(ALLOCATIONS)}, "
-                             f"got {allocation!r}.")
-        temperature = config.method_kwargs.get("temperature", 1.0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"PruningConfig.method_kwargs['temperature'] must be a positive number, got {temperature!r}.")
-        deviation = config.method_kwargs.get("max_deviation", 0.2)
-        if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 <= deviation <= 1:
-            raise ValueError(f"PruningConfig.method_kwargs['max_deviation'] must be in [0, 1], got {deviation!r}.")
+        cls.check_options(config)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.allowed_kwargs = tuple(f.key for f in cls.options_class.fields())  # the `method_kwargs` keys
 
     @property
     def allocation(self) -> str:
-        return self.config.method_kwargs.get("allocation", self.default_allocation)
+        return self.options.allocation or self.default_allocation
 
     def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - structured methods prune groups
         raise TypeError(f"{self.name} is a structured method; it prunes through SparsePruner.apply.")
