@@ -1,6 +1,7 @@
 """One schema for PruningConfig, the `optimum-sparse prune` flags and the card's reproduce command (issue 20): the
-parser has a flag for every config field, the reproduce command is generated from the same field list, and parsing
-the generated command rebuilds the config exactly; a flag typed at its default still overrides `--config`."""
+parser has a flag for every config field and every option of every method and allocator (generated from the
+dataclasses), the reproduce command is generated from the same fields, and parsing the generated command rebuilds
+the config exactly; a flag typed at its default still overrides `--config`."""
 
 import copy
 import dataclasses
@@ -11,7 +12,9 @@ import pytest
 
 from optimum_sparse import PruningConfig
 from optimum_sparse.cli import main as cli
-from optimum_sparse.config import CLI_FIELDS, cli_flag, config_to_cli_args
+from optimum_sparse.config import CLI_FIELDS, cli_flag
+from optimum_sparse.methods import available_methods
+from optimum_sparse.schema import config_to_cli_args, option_flags, typed_options
 from optimum_sparse.hub.card import reproduce_commands
 from optimum_sparse.serialization import PruningRecord
 
@@ -83,3 +86,75 @@ def test_a_flag_at_its_default_overrides_the_config_file(tmp_path):
     changed = config_from_command(base + " --damping 0.01 --structure unstructured --seq-len 2048")
     assert (changed.method, changed.structure, changed.damping, changed.seq_len) == ("wanda", "unstructured", 0.01, 2048)
     assert changed.sparsity == PruningConfig().sparsity  # the file's 2:4 sparsity is not kept for a new structure
+
+
+def _other_value(option):
+    """A valid-typed value different from the option's default."""
+    default, kind = option.field.default, option.type
+    if option.field.choices:
+        return next(c for c in option.field.choices if c != default)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return (default or 0) + 3
+    if kind is float:
+        return (default or 0.125) * 1.5
+    return f"{default or 'x'}-other"
+
+
+def test_every_option_field_has_a_flag_with_help():
+    _, prune = prune_parser()
+    flags = {s: a for a in prune._actions for s in a.option_strings}
+    seen = set()
+    for option in option_flags():
+        assert option.flag in flags and flags[option.flag].help, option.flag
+        seen.add(option.owner)
+    # every method with scalar options has flags (ELSA, ALPS, SparseLLM, the structured methods), OWL and search too
+    assert {"alps", "elsa", "sparsellm", "structprune", "flap", "owl", "search"} <= seen
+    assert "--alps-rho" in flags and "--owl-lambda" in flags and "--structprune-admm-iters" in flags
+
+
+@pytest.mark.parametrize("owner", sorted({o.owner for o in option_flags()}))
+def test_the_reproduce_command_carries_every_option_as_its_flag(owner):
+    """Every option set to a non-default value is written as its flag and parsed back to the same key and value."""
+    options = [o for o in option_flags() if o.owner == owner]
+    kwargs_field = options[0].kwargs_field
+    config = PruningConfig()
+    setattr(config, kwargs_field, {o.field.key: _other_value(o) for o in options})  # the flags, not the checks
+    setattr(config, "method" if kwargs_field == "method_kwargs" else "allocation", owner)
+    argv = ["prune", "--model", "m"] + [part for arg in config_to_cli_args(config) for part in arg]
+    assert f"--{kwargs_field.replace('_', '-')}" not in argv  # nothing left for the JSON flag
+    args = cli.build_parser().parse_args(argv)
+    assert typed_options(args, {"method": config.method, "allocation": config.allocation})[kwargs_field] == \
+        getattr(config, kwargs_field)
+
+
+def test_method_options_as_flags_build_the_config():
+    config = config_from_command("optimum-sparse prune --model m --method sparsellm --sparsellm-iterations 4 "
+                                 "--sparsellm-refit-down false --method-kwargs '{\"alpha\": 2.0, \"iterations\": 9}'")
+    assert config.method_kwargs == {"alpha": 2.0, "iterations": 4, "refit_down": False}  # flags override the JSON
+    with_alps = config_from_command("optimum-sparse prune --model m --method alps --alps-rho 0.3 "
+                                    "--alps-warm-start sparsellm --method-kwargs '{\"warm_start_kwargs\": "
+                                    "{\"iterations\": 2}}' --allocation owl --owl-lambda 0.1")
+    assert with_alps.method_kwargs == {"rho": 0.3, "warm_start": "sparsellm", "warm_start_kwargs": {"iterations": 2}}
+    assert with_alps.allocation_kwargs == {"lambda": 0.1}
+    _, with_flags = reproduce_commands(PruningRecord(config=with_alps), "m")
+    assert "--alps-rho 0.3" in with_flags and "--owl-lambda 0.1" in with_flags
+    assert config_from_command(with_flags).to_dict() == with_alps.to_dict()
+    with pytest.raises(ValueError, match="--alps-rho is a parameter of --method alps, not of 'sparsegpt'"):
+        config_from_command("optimum-sparse prune --model m --alps-rho 0.3")
+
+
+def test_an_option_flag_overrides_the_config_file(tmp_path):
+    PruningConfig(method="sparsellm", method_kwargs={"iterations": 3, "alpha": 2.0}).save_pretrained(tmp_path)
+    config = config_from_command(f"optimum-sparse prune --model x --config {tmp_path} --sparsellm-iterations 1")
+    assert config.method_kwargs == {"iterations": 1, "alpha": 2.0}  # typed at its default, it still overrides
+
+
+def test_every_method_is_covered_by_the_schema():
+    with_options = {o.owner for o in option_flags() if o.kwargs_field == "method_kwargs"}
+    from optimum_sparse.methods import get_method_class
+
+    for name in available_methods():
+        fields = get_method_class(name).options_class.fields()
+        assert (name in with_options) == any(f.cli for f in fields), name

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from ..config import CLI_FIELDS, parse_structure
 from ..errors import OptimumSparseError, OutputPathError
+from ..schema import add_config_arguments, config_from_args
 from ..serialization.destination import check_output_dir
 from ..utils import show_progress
 
@@ -44,8 +45,6 @@ def _add_eval_args(parser: argparse.ArgumentParser, default_windows: Optional[in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..methods import available_methods
-
     from ..version import __version__
 
     parser = argparse.ArgumentParser(prog="optimum-sparse", description="Post-training pruning of causal LMs.")
@@ -60,43 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Prunes a causal LM block by block and saves it (--output) and/or pushes it "
                                        "(--push-to-hub). The output folder is checked before the model is loaded.")
     _add_model_args(prune)
-    prune.add_argument("--method", default="sparsegpt", choices=available_methods(), help="Pruning method.")
-    prune.add_argument("--sparsity", type=float, default=0.5,
-                       help="Fraction of the pruned layers' weights set to zero, in [0, 1) (N:M: leave it, N/M is used).")
-    prune.add_argument("--structure", default="unstructured",
-                       help="'unstructured', N:M (e.g. 2:4), or structured: 'channels', 'heads', 'channels+heads' "
-                            "(with --method structprune, flap, wanda-structured or magnitude-structured), 'experts' "
-                            "(with --method expert-removal: --sparsity is the fraction of experts removed per block).")
-    prune.add_argument("--multiple-of", type=int, default=8,
-                       help="Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for GPUs).")
-    prune.add_argument("--dataset", default="wiki-offline", help="Calibration source (name, .txt/.jsonl path).")
-    prune.add_argument("--num-samples", type=int, default=128, help="Calibration sequences.")
-    prune.add_argument("--seq-len", type=int, default=2048, help="Tokens per calibration sequence.")
-    prune.add_argument("--seed", type=int, default=0, help="Seed of the calibration window sampling.")
-    prune.add_argument("--batch-size", type=int, default=8, help="Calibration sequences per forward pass.")
-    prune.add_argument("--device", default=None, help="Device for statistics and solves (cuda, cpu).")
-    prune.add_argument("--targets", nargs="+", default=["Linear", "Conv1D"],
-                       help="Modules to prune (class names, name suffixes, or 're:' regexes).")
-    prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
-    prune.add_argument("--damping", type=float, default=0.01, help="Relative Hessian damping.")
-    prune.add_argument("--block-size", type=int, default=128, help="Column block size of the OBS solver.")
-    prune.add_argument("--true-sequential", action="store_true",
-                       help="Recollect statistics after each linear group (q/k/v, o, gate/up, down) is pruned.")
-    prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")
-    prune.add_argument("--allocation", default="uniform", choices=["uniform", "owl", "search"],
-                       help="Layer-wise sparsity allocation (docs/allocation.md); structured methods: 'uniform' (their "
-                            "own rule, --method-kwargs allocation) or 'search' (kept heads/channels searched).")
-    prune.add_argument("--allocation-kwargs", default="{}", help="JSON dict of allocator parameters (OWL M/lambda, "
-                       "search settings such as state_dir; structured search: budget 'params' or 'latency').")
-    prune.add_argument("--layer-sparsity", default=None,
-                       help="Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a JSON file "
-                            "(N:M structures: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).")
-    prune.add_argument("--expert-statistics", default="routed", choices=["routed", "pooled"],
-                       help="MoE: per-expert statistics from the routed tokens (routing-weighted) or all tokens.")
-    prune.add_argument("--min-expert-tokens", type=int, default=None,
-                       help="MoE: experts with fewer routed tokens get --expert-fallback (default: the input width).")
-    prune.add_argument("--expert-fallback", default="mean-hessian", choices=["mean-hessian", "damping", "magnitude"],
-                       help="MoE: statistics of under-calibrated experts (docs/moe.md).")
+    add_config_arguments(prune)  # one flag per PruningConfig field and per method/allocator option (schema.py)
     prune.add_argument("--config", default=None, help="A pruning_config.json to start from (flags override).")
     prune.add_argument("--output", default=None,
                        help="Folder to save the pruned model in (checked before loading: writable, not a file).")
@@ -165,11 +128,6 @@ def _load(args):
     return load_model_and_tokenizer(args.model, dtype=getattr(args, "dtype", "auto"), **kwargs)
 
 
-def _json_or_path(value: Optional[str]):
-    """A JSON object given inline (`'{...}'`), else the string itself (a path, read by `PruningConfig`)."""
-    return json.loads(value) if value is not None and value.lstrip().startswith("{") else value
-
-
 def _given_prune_fields(args) -> set:
     """The config fields whose flags were typed (a flag set to its default still overrides `--config`); without the
     command line (a hand-made namespace), the fields that differ from the defaults."""
@@ -185,22 +143,14 @@ def _given_prune_fields(args) -> set:
 
 
 def prune_config(args):
-    """The `PruningConfig` of `optimum-sparse prune`: one flag per field; with `--config`, the file's values under
-    every flag that was typed (at its default too)."""
+    """The `PruningConfig` of `optimum-sparse prune`: one flag per field and per option of the chosen method and
+    allocator; with `--config`, the file's values under every flag that was typed (at its default too)."""
     from ..config import PruningConfig
 
-    overrides = {name: getattr(args, name) for name in CLI_FIELDS}  # one flag per PruningConfig field
-    for name in ("method_kwargs", "allocation_kwargs"):
-        overrides[name] = json.loads(overrides[name])
-    overrides["layer_sparsity"] = _json_or_path(overrides["layer_sparsity"])
     if args.config:
         base = PruningConfig.from_pretrained(args.config).to_dict()
-        given = _given_prune_fields(args)
-        base.update({k: v for k, v in overrides.items() if k in given})
-        if "structure" in given and "sparsity" not in given:
-            base.pop("sparsity", None)  # a new structure: the file's sparsity (its N/M) is not a choice of the user
-        return PruningConfig.from_dict(base)
-    return PruningConfig(**overrides)
+        return config_from_args(args, _given_prune_fields(args), base)
+    return config_from_args(args)
 
 
 def _cmd_prune(args) -> int:

@@ -69,7 +69,7 @@ def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None
 
     `base_model` is the `--model` argument (Hub id, alias or folder); unknown, the commands read `$BASE_MODEL`.
     """
-    from ..config import config_to_cli_args
+    from ..schema import config_to_cli_args
 
     model = shlex.quote(base_model) if base_model else '"$BASE_MODEL"'
     with_config = f"optimum-sparse prune --model {model} --config pruning_config.json --output pruned/"
