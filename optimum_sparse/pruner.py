@@ -19,7 +19,8 @@ from .engine.sequential import PruningReport, check_targets
 from .engine.validation import linear_targets, validate_run
 from .methods import get_method_class
 from .serialization import RECORD_NAME
-from .serialization import SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, build_sparsity_config
+from .serialization import (SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, attached_tokenizer,
+                            build_sparsity_config)
 
 __all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "RECORD_NAME", "REPORT_NAME"]
 
@@ -81,6 +82,7 @@ class SparsePruner:
         self.report: Optional[PruningReport] = None
         self.allocation = None  # the layer-wise `Allocation` of the last run (None for plain uniform pruning)
         self.record: Optional[PruningRecord] = None
+        self.tokenizer: Any = None  # the tokenizer passed to `apply`, the default of save_pretrained / push_to_hub
         self.structured_summary: Optional[dict] = None  # structured runs: achieved sizes and fractions
 
     def prepare_calibration(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None) -> Optional[torch.Tensor]:
@@ -96,7 +98,8 @@ class SparsePruner:
 
     def apply(self, model: nn.Module, tokenizer: Any = None, dataset: Any = None,
               sparsity_for: Optional[Callable[[str], float]] = None, progress: bool = True,
-              checkpoint_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> nn.Module:
+              checkpoint_dir: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
+              attach: bool = True) -> nn.Module:
         """Prunes `model` in place and returns it.
 
         Every check (model kind and layout, targets, N:M shapes, device, quantized/meta/non-finite weights,
@@ -117,6 +120,9 @@ class SparsePruner:
             resume: continue the run checkpointed in `checkpoint_dir` at its first unfinished block; the result is
                 identical to an uninterrupted run. A checkpoint of another config, model or calibration set is refused
                 (`CheckpointMismatchError`) before any weight changes.
+            attach: keep the record on the model (`model.pruning_record`) and make `model.save_pretrained(folder)`
+                write it, with the tokenizer, sidecar and card (`serialization.PrunedSavePretrained`, installed on the
+                instance). `False` leaves the model's `save_pretrained` alone; save with `self.save_pretrained`.
 
         Under `torchrun` / `accelerate launch` (an initialised `torch.distributed` group), every rank calls `apply` with
         the same model and data: each keeps every N-th calibration window and the statistics are all-reduced, so all
@@ -187,7 +193,9 @@ class SparsePruner:
                         self.report.inventory["skipped_reasons"])
         model.pruning_config = self.config
         self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
-        attach_pruning_record(model, self.record, tokenizer)  # model.save_pretrained now writes the record too
+        self.tokenizer = tokenizer
+        if attach:  # model.save_pretrained now writes the record too (serialization.PrunedSavePretrained)
+            attach_pruning_record(model, self.record, tokenizer)
         return model
 
     def _remove_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
@@ -203,6 +211,10 @@ class SparsePruner:
         self.report, self.structured_summary = run_expert_removal(model, self.method, self.config, input_ids,
                                                                   progress, plan=plan)
         return input_ids
+
+    def _tokenizer_for(self, model: nn.Module) -> Any:
+        """The tokenizer passed to `apply` (by this pruner, or the one kept by the model's `save_pretrained`)."""
+        return self.tokenizer if self.tokenizer is not None else attached_tokenizer(model)
 
     def _record_for(self, model: Optional[nn.Module] = None) -> PruningRecord:
         record = self.record or getattr(model, "pruning_record", None)
@@ -255,7 +267,7 @@ class SparsePruner:
         """
         from .serialization import save_pruned_model
 
-        tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer_for(model)
         return save_pruned_model(model, save_directory, self._record_for(model), tokenizer=tokenizer,
                                  model_card=model_card, overwrite=overwrite, **kwargs)
 
@@ -281,7 +293,7 @@ class SparsePruner:
         """
         from .hub.push import push_pruned_model
 
-        tokenizer = tokenizer if tokenizer is not None else model.__dict__.get("_optimum_sparse_tokenizer")
+        tokenizer = tokenizer if tokenizer is not None else self._tokenizer_for(model)
         return push_pruned_model(model, repo_id, self._record_for(model), tokenizer=tokenizer,
                                  save_directory=save_directory, private=private, revision=revision, token=token,
                                  commit_message=commit_message, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 import torch.nn as nn
 
@@ -21,22 +21,37 @@ def show_progress(progress: bool = True) -> bool:
                                       for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"))
 
 
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and an atomic rename."""
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
+    """Writes a file atomically: `write(tmp)` fills a temporary file in the same folder, which is flushed to disk and
+    renamed over `path`; on any error the temporary file is removed and `path` is untouched.
+
+    The one file-level atomic write of the package (`atomic_write_bytes`, `atomic_write_text`, the resumable run's
+    safetensors files); whole folders are swapped by `optimum_sparse.serialization.atomic_directory`.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Writes `data` to `path` atomically (`atomic_write`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointMismatchError
-from ..utils import atomic_write_text
+from ..utils import atomic_write, atomic_write_text
 from .linears import write_weight
 
 __all__ = ["CheckpointMismatchError", "RunCheckpoint", "run_fingerprint", "tensor_digest"]
@@ -177,13 +177,5 @@ def _linears_digest(linears: dict[str, nn.Module]) -> str:
 
 
 def _atomic_save(tensors: dict, path: str) -> None:
-    """safetensors file written beside `path`, flushed, then renamed over it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """safetensors file written atomically (`utils.atomic_write`)."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))

@@ -164,6 +164,10 @@ def recover_masks(
 ) -> dict[str, SparsityMask]:
     """Recovers the masks of the pruned linear layers of `model` (a plain model or a peft model).
 
+    The one mask recovery from a live model. Its file-based half is `serialization.load_pruning_record(folder,
+    load_masks=True)`, which reads `weight == 0` from the saved safetensors without building the model; when that
+    record is passed here, its masks are used and checked against the model's weights.
+
     Without a record, a linear layer counts as pruned when at least `min_sparsity` of its weights are exactly zero
     (dequantized or dense checkpoints may hold a few incidental zeros; those layers stay dense). With a record, the
     layers it names are the pruned ones, and each must hold at least the recorded fraction of zeros.

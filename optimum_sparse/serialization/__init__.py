@@ -18,7 +18,8 @@ full disk or a killed process never leaves a half-written model where a good one
 
 from .atomic import atomic_directory
 from .io import (
-    attach_pruning_record, check_pruned_folder, register_card_writer, load_pruning_record, load_sparsity_config, save_pruned_model,
+    PrunedSavePretrained, attach_pruning_record, attached_tokenizer, check_pruned_folder, detach_pruning_record,
+    load_pruning_record, load_sparsity_config, register_card_writer, save_pruned_model,
 )
 from .record import (
     CARD_NAME, PLOT_NAME, RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config,
@@ -29,4 +30,5 @@ __all__ = [
     "SPARSITY_CONFIG_NAME", "RECORD_NAME", "PLOT_NAME", "CARD_NAME", "PruningRecord", "NotAPrunedModelError",
     "describe_calibration", "build_sparsity_config", "checkpoint_sparsity", "atomic_directory", "save_pruned_model",
     "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record", "register_card_writer",
+    "detach_pruning_record", "attached_tokenizer", "PrunedSavePretrained",
 ]

@@ -1,4 +1,8 @@
-"""Atomic folder writes: build the new folder beside the old one, then swap it into place in one step."""
+"""Atomic folder writes: build the new folder beside the old one, then swap it into place in one step.
+
+The folder-level counterpart of `optimum_sparse.utils.atomic_write` (single files: configs, run states, the resumable
+run's safetensors), the one file-level atomic write of the package.
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from .record import (
 )
 
 __all__ = [
-    "register_card_writer", "save_pruned_model", "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record",
+    "register_card_writer", "save_pruned_model", "load_pruning_record", "load_sparsity_config", "check_pruned_folder",
+    "attach_pruning_record", "detach_pruning_record", "attached_tokenizer", "PrunedSavePretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,6 @@ def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
-
-
-def _plain_save(model: nn.Module):
-    """The model's save_pretrained without our record-writing override."""
-    return model.__dict__.get("_optimum_sparse_inner_save") or types.MethodType(type(model).save_pretrained, model)
 
 
 def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningRecord,
@@ -251,7 +247,8 @@ def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, 
     Args:
         path: a folder written by `SparsePruner.save_pretrained` (or `model.save_pretrained` after pruning), or a Hub
             repo id (downloaded with `snapshot_download(**hub_kwargs)`).
-        load_masks: read the pruned layers' weights and set `record.masks[name] = (weight == 0)`.
+        load_masks: read the pruned layers' weights and set `record.masks[name] = (weight == 0)` (from the files,
+            no model built; `integrations.recover_masks(model, record)` checks them against a loaded model).
 
     Returns:
         `PruningRecord`, with `masks` when `load_masks`.
@@ -277,39 +274,86 @@ def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, 
 _HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
 
 
-def _save_pretrained_with_record(self, save_directory, *args, **kwargs):
-    """`save_pretrained` of a pruned model: the transformers checkpoint plus the pruning record, written atomically.
+class PrunedSavePretrained:
+    """`model.save_pretrained` of a pruned model: the transformers checkpoint plus the pruning record, sidecar,
+    tokenizer and card, written atomically through `save_pruned_model`.
+
+    `SparsePruner.apply` installs one on the model instance (`attach_pruning_record`; `apply(..., attach=False)` does
+    not); it holds the `record` and the `tokenizer` passed to `apply` as plain attributes, and `detach_pruning_record`
+    removes it. The explicit path does the same without touching the model: `SparsePruner.save_pretrained(model,
+    folder, tokenizer=...)` or `optimum_sparse.serialization.save_pruned_model(model, folder, record, tokenizer=...)`.
 
     Extra keyword arguments go to transformers' `save_pretrained`; `push_to_hub=True` pushes the saved folder with
     `optimum_sparse.hub.push_folder` (`repo_id`, `token`, `private`, `revision`, `commit_message`).
     """
-    record = self.__dict__.get("pruning_record")
-    if record is None or args or not kwargs.get("is_main_process", True):
-        return _plain_save(self)(save_directory, *args, **kwargs)
-    push = kwargs.pop("push_to_hub", False)
-    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-    token = kwargs.get("token")
-    repo_id = hub.pop("repo_id", None) or (os.path.basename(os.path.abspath(os.fspath(save_directory))) if push else None)
-    folder = save_pruned_model(self, save_directory, record, tokenizer=self.__dict__.get("_optimum_sparse_tokenizer"),
-                               card_kwargs={"repo_id": repo_id}, **kwargs)  # the card is named after the repo
-    if push:
-        if _FOLDER_PUSHER is None:
-            raise RuntimeError("No Hub pusher registered: import optimum_sparse (it registers optimum_sparse.hub's).")
-        _FOLDER_PUSHER(folder, repo_id, token=token, **hub)
-    return None
+
+    __name__ = "save_pretrained"
+
+    def __init__(self, model: nn.Module, record: PruningRecord, tokenizer: Any = None, inner: Any = None):
+        self.model, self.record, self.tokenizer = model, record, tokenizer
+        self.inner = inner  # another wrapper of this instance's save_pretrained, called for the checkpoint itself
+
+    def plain(self) -> Callable[..., Any]:
+        """The save_pretrained this one wraps (the class's, or an earlier instance wrapper)."""
+        return self.inner or types.MethodType(type(self.model).save_pretrained, self.model)
+
+    def __call__(self, save_directory, *args, **kwargs):
+        if args or not kwargs.get("is_main_process", True):
+            return self.plain()(save_directory, *args, **kwargs)
+        push = kwargs.pop("push_to_hub", False)
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        token = kwargs.get("token")
+        repo_id = hub.pop("repo_id", None) or (os.path.basename(os.path.abspath(os.fspath(save_directory)))
+                                               if push else None)
+        folder = save_pruned_model(self.model, save_directory, self.record, tokenizer=self.tokenizer,
+                                   card_kwargs={"repo_id": repo_id}, **kwargs)  # the card is named after the repo
+        if push:
+            if _FOLDER_PUSHER is None:
+                raise RuntimeError("No Hub pusher registered: import optimum_sparse (it registers optimum_sparse.hub's).")
+            _FOLDER_PUSHER(folder, repo_id, token=token, **hub)
+        return None
 
 
-_save_pretrained_with_record.__name__ = "save_pretrained"
-
-
-def attach_pruning_record(model: nn.Module, record: PruningRecord, tokenizer: Any = None) -> None:
-    """Keeps `record` on the model (`model.pruning_record`) and makes `model.save_pretrained` write it too."""
-    model.__dict__["pruning_record"] = record
-    if tokenizer is not None:
-        model.__dict__["_optimum_sparse_tokenizer"] = tokenizer
+def _attached(model: nn.Module) -> Optional[PrunedSavePretrained]:
     current = model.__dict__.get("save_pretrained")
-    if getattr(current, "__func__", None) is _save_pretrained_with_record:
+    return current if isinstance(current, PrunedSavePretrained) else None
+
+
+def _plain_save(model: nn.Module):
+    """The model's save_pretrained without our record-writing wrapper."""
+    attached = _attached(model)
+    if attached is not None:
+        return attached.plain()
+    return model.__dict__.get("save_pretrained") or types.MethodType(type(model).save_pretrained, model)
+
+
+def attach_pruning_record(model: nn.Module, record: PruningRecord, tokenizer: Any = None) -> PrunedSavePretrained:
+    """Keeps `record` on the model (`model.pruning_record`) and installs `PrunedSavePretrained` as the instance's
+    `save_pretrained`, so `model.save_pretrained(folder)` writes the record too (with `tokenizer`). Returns it."""
+    model.__dict__["pruning_record"] = record
+    attached = _attached(model)
+    if attached is None:
+        attached = PrunedSavePretrained(model, record, tokenizer, inner=model.__dict__.get("save_pretrained"))
+        model.__dict__["save_pretrained"] = attached
+    attached.record = record
+    if tokenizer is not None:
+        attached.tokenizer = tokenizer
+    return attached
+
+
+def detach_pruning_record(model: nn.Module) -> None:
+    """Undoes `attach_pruning_record`: `model.save_pretrained` is transformers' again (the record stays readable as
+    `model.pruning_record`)."""
+    attached = _attached(model)
+    if attached is None:
         return
-    if current is not None:  # someone else already wraps this instance's save_pretrained: call theirs inside ours
-        model.__dict__["_optimum_sparse_inner_save"] = current
-    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained_with_record, model)
+    if attached.inner is not None:
+        model.__dict__["save_pretrained"] = attached.inner
+    else:
+        del model.__dict__["save_pretrained"]
+
+
+def attached_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer `attach_pruning_record` keeps for `model.save_pretrained` (`None` when none)."""
+    attached = _attached(model)
+    return attached.tokenizer if attached is not None else None
