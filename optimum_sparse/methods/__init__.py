@@ -1,13 +1,14 @@
-"""Pruning methods: each file is tensor math registered under a name."""
+"""Pruning methods: each file is tensor math registered under a name; methods with a block lifecycle of their own
+(hooks, activation capture, warm starts) keep it in a `<method>_lifecycle.py` adapter beside the solver file."""
 
 from .base import LinearStats, PruningMethod, available_methods, get_method_class, register_method
-from . import alps, elsa, magnitude, sparsegpt, sparsellm, wanda  # noqa: F401  (registration)
+from . import alps_lifecycle, elsa, magnitude, sparsegpt, sparsellm_lifecycle, wanda  # noqa: F401  (registration)
 from . import expert_removal, flap, structprune, wanda_structured  # noqa: F401  (structured methods)
 
 from ..options import NoOptions, Options  # noqa: E402
-from .alps import ALPSOptions  # noqa: E402
+from .alps_lifecycle import ALPSOptions  # noqa: E402
 from .elsa import ELSAOptions  # noqa: E402
-from .sparsellm import SparseLLMOptions  # noqa: E402
+from .sparsellm_lifecycle import SparseLLMOptions  # noqa: E402
 from .structprune import StructPruneOptions  # noqa: E402
 from .structured_base import StructuredOptions  # noqa: E402
 

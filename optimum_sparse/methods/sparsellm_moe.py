@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ..engine.capture import StopForward
-from ..engine.distributed import all_reduce_scalar
+from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.experts import ExpertLinear, routed_tokens
 from ..engine.linears import read_weight
 from .masks import layer_nm
@@ -27,7 +27,7 @@ from .sparsegpt import sparsegpt_factor, sparsegpt_prune
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.block import BlockJob
-    from .sparsellm import SparseLLMPruning
+    from .sparsellm_lifecycle import SparseLLMPruning
 
 __all__ = ["block_ffns", "prune_experts", "joint_solvable"]
 
@@ -166,6 +166,7 @@ def prune_experts(method: "SparseLLMPruning", job: "BlockJob", names: list[str])
                 job.device, torch.device(opts.activation_device) if opts.activation_device else job.device,
                 iterations=opts.iterations, alpha=opts.alpha, beta=opts.beta, gamma=opts.gamma,
                 newton_steps=opts.newton_steps, refit_down=opts.refit_down, damping=cfg.damping,
+                reduce_sum=all_reduce_sum, reduce_scalar=all_reduce_scalar,
             )
             extra = {"routed_tokens": counts[e], "expert_statistics": cfg.expert_statistics, "solver": "sparsellm",
                      "ffn_error": result.error, "ffn_error_sparsegpt": result.sparsegpt_error}
