@@ -151,10 +151,10 @@ class PruningConfig:
 
     method: str = _help("Pruning method name.", "sparsegpt")
     sparsity: float = _help("Fraction of the pruned layers' weights set to zero, in [0, 1) (N:M: leave it, N/M is "
-                                   "used; structure=experts: the fraction of experts removed per block).", _DEFAULT_SPARSITY)
+                            "used; structure=experts: the fraction of experts removed per block).", _DEFAULT_SPARSITY)
     structure: str = _help("'unstructured', N:M (e.g. 2:4: N zeros in each M consecutive input weights), or "
-                                 "structured: 'channels', 'heads', 'channels+heads' (with structprune, flap, "
-                                 "wanda-structured or magnitude-structured), 'experts' (with expert-removal).", "unstructured")
+                           "structured: 'channels', 'heads', 'channels+heads' (with structprune, flap, "
+                           "wanda-structured or magnitude-structured), 'experts' (with expert-removal).", "unstructured")
     dataset: str = _help("Calibration source (name, .txt/.jsonl path) when none is passed to apply().", "wiki-offline")
     num_samples: int = _help("Number of calibration sequences.", 128)
     seq_len: int = _help("Tokens per calibration sequence.", 2048)
@@ -168,15 +168,15 @@ class PruningConfig:
     device: Optional[str] = _help("Device for statistics and solves (cuda, cpu).", None)
     method_kwargs: dict = _help("The method's parameters (its options dataclass or a dict of its keys).", default_factory=dict)
     allocation: str = _help("Layer-wise sparsity allocation (docs/allocation.md): 'uniform', 'owl' or 'search'; "
-                                  "structured methods: 'uniform' (their own rule, method_kwargs allocation) or "
-                                  "'search' (kept heads/channels searched).", "uniform")
+                            "structured methods: 'uniform' (their own rule, method_kwargs allocation) or "
+                            "'search' (kept heads/channels searched).", "uniform")
     allocation_kwargs: dict = _help("Allocator parameters (OWL M/lambda, search settings such as state_dir; structured "
-                                     "search: budget 'params' or 'latency').", default_factory=dict)
+                                    "search: budget 'params' or 'latency').", default_factory=dict)
     layer_sparsity: Optional[Any] = _help("Per-layer sparsity override: a JSON dict {module: sparsity} or the path of a "
-                                            "JSON file (N:M: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).", None)
+                                          "JSON file (N:M: multiples of 1/M, e.g. 0.75 = 3:4 under 2:4).", None)
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
     multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for "
-                                 "GPUs).", 8)
+                             "GPUs).", 8)
     expert_statistics: str = _help("MoE: per-expert statistics from 'routed' tokens (routing-weighted) or 'pooled'.",
                                    "routed")
     min_expert_tokens: Optional[int] = _help("MoE: experts with fewer routed tokens get expert_fallback "

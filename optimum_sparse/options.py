@@ -10,11 +10,12 @@ the keys that differ from their defaults, so `pruning_config.json` keeps its for
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-__all__ = ["Options", "NoOptions", "option", "option_fields", "OptionField"]
+__all__ = ["Options", "NoOptions", "WithOptions", "option", "option_fields", "OptionField"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
@@ -114,6 +115,26 @@ class Options:
 @dataclass
 class NoOptions(Options):
     """The options of a method or allocator that takes none: any key is refused."""
+
+
+class WithOptions:
+    """Mixin of methods and allocators: `options_class` built from the config field `options_field` (lazily, as
+    `self.options`; `self.config` is the `PruningConfig`)."""
+
+    name: ClassVar[str] = ""
+    options_class: ClassVar[type[Options]] = NoOptions
+    options_field: ClassVar[str] = "method_kwargs"  # or "allocation_kwargs"
+    options_owner: ClassVar[str] = "method {!r}"  # how messages name the owner, formatted with `name`
+
+    @classmethod
+    def options_from_config(cls, config: Any) -> Options:
+        """`options_class` from the config's dict (or dataclass); unknown keys raise `ValueError`."""
+        return cls.options_class.from_kwargs(getattr(config, cls.options_field), cls.options_owner.format(cls.name))
+
+    @functools.cached_property
+    def options(self) -> Options:
+        """The parameters (`options_class` from the config), built on first use."""
+        return self.options_from_config(self.config)
 
 
 def option_fields(options_class: Optional[type]) -> list[OptionField]:

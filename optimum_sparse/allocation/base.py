@@ -7,7 +7,6 @@ count, `Σ floor(numelᵢ·sᵢ)`, equals `floor(Σ numelᵢ · target)` exactly
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 import torch.nn as nn
 
 from ..methods.masks import num_pruned
-from ..options import NoOptions, Options
+from ..options import NoOptions, Options, WithOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -220,7 +219,7 @@ def allocation_from_counts(method: str, target: float, modules: Sequence[TargetM
                       numel={mod.name: mod.numel for mod in modules}, info=dict(info or {}), m=m)
 
 
-class Allocator:
+class Allocator(WithOptions):
     """Base class of allocators: `allocate` returns an `Allocation` that meets `config.sparsity` exactly.
 
     A subclass sets `name`, `needs_calibration` and `options_class` (its `allocation_kwargs` as an
@@ -231,20 +230,12 @@ class Allocator:
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     options_class: ClassVar[type[Options]] = NoOptions
+    options_field: ClassVar[str] = "allocation_kwargs"
+    options_owner: ClassVar[str] = "allocation={!r}"
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
         self.kwargs = dict(config.allocation_kwargs)
-
-    @functools.cached_property
-    def options(self) -> Options:
-        """The allocator's parameters (`options_class` from `config.allocation_kwargs`), built on first use."""
-        return self.options_from_config(self.config)
-
-    @classmethod
-    def options_from_config(cls, config: "PruningConfig") -> Options:
-        """`options_class` from `config.allocation_kwargs` (unknown keys raise `ValueError`)."""
-        return cls.options_class.from_kwargs(config.allocation_kwargs, f"allocation={cls.name!r}")
 
     @classmethod
     def validate_kwargs(cls, config: "PruningConfig") -> None:

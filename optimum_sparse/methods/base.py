@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 
 from ..config import register_config_check
 from ..engine.stats import LinearStats
-from ..options import NoOptions, Options
+from ..options import NoOptions, Options, WithOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -22,7 +21,7 @@ __all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class"
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
 
 
-class PruningMethod:
+class PruningMethod(WithOptions):
     """Base class of pruning methods: tensor math only, no hooks, devices or models.
 
     A subclass sets `name`, its capability flags (`whole_model`, `per_linear`, `structured`, `column_blocks`) and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
@@ -54,16 +53,6 @@ class PruningMethod:
 
     def __init__(self, config: "PruningConfig"):
         self.config = config
-
-    @functools.cached_property
-    def options(self) -> Options:
-        """The method's parameters (`options_class` from `config.method_kwargs`), built on first use."""
-        return self.options_from_config(self.config)
-
-    @classmethod
-    def options_from_config(cls, config: "PruningConfig") -> Options:
-        """The method's `options_class` built from `config.method_kwargs` (unknown keys raise `ValueError`)."""
-        return cls.options_class.from_kwargs(config.method_kwargs, f"method {config.method!r}")
 
     @classmethod
     def check_options(cls, config: "PruningConfig") -> None:
