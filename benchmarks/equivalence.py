@@ -60,14 +60,18 @@ def compare(a_path: str, b_path: str, output: str = None, labels: tuple = ("befo
     rows = []
     for method in sorted(set(a) | set(b)):
         ra, rb = a.get(method), b.get(method)
-        rows.append({"method": method, "equal": bool(ra and rb and ra["state_sha256"] == rb["state_sha256"]),
+        # a method run on one side only is "not run" (equal: None), neither equal nor different
+        equal = None if ra is None or rb is None else ra["state_sha256"] == rb["state_sha256"]
+        rows.append({"method": method, "equal": equal,
                      "state_sha256": {labels[0]: ra and ra["state_sha256"], labels[1]: rb and rb["state_sha256"]},
                      "perplexity": {labels[0]: ra and ra["perplexity"], labels[1]: rb and rb["perplexity"]}})
-        print(f"{method:12s} {'equal' if rows[-1]['equal'] else 'DIFFERENT'}  ppl {rows[-1]['perplexity']}")
+        status = {True: "equal", False: "DIFFERENT", None: "not run on both sides"}[equal]
+        print(f"{method:12s} {status}  ppl {rows[-1]['perplexity']}")
     if output:
         write_json(output, {"benchmark": "equivalence-compare", "command": command_line(),
                             "files": {labels[0]: a_path, labels[1]: b_path}, "runs": rows})
-    return 0 if rows and all(r["equal"] for r in rows) else 1
+    compared = [r for r in rows if r["equal"] is not None]
+    return 0 if compared and all(r["equal"] for r in compared) else 1
 
 
 def main(argv=None) -> int:
