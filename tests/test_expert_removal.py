@@ -39,14 +39,18 @@ def _moe_config(model_type: str):
         "qwen3_next": lambda: transformers.Qwen3NextConfig(
             num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2,
             linear_key_head_dim=8, linear_value_head_dim=8, **shared, **_COMMON),
+        # input-scaled experts, a shared expert and a dense first block (interleave step 2)
+        "llama4_text": lambda: transformers.Llama4TextConfig(
+            num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=8,
+            interleave_moe_layer_step=2, no_rope_layers=[1, 1], **_COMMON),
     }
     return builders[model_type]()
 
 
 MOE_TYPES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "granitemoe", "phimoe", "gpt_oss",
-             "qwen3_next"]
+             "qwen3_next", "llama4_text"]
 COUNT_FIELD = {"mixtral": "num_local_experts", "granitemoe": "num_local_experts", "phimoe": "num_local_experts",
-               "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+               "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts", "llama4_text": "num_local_experts"}
 
 
 def make_moe(model_type: str, seed: int = 0):
@@ -141,6 +145,75 @@ def test_expert_statistics_equal_hand_routing():
     torch.testing.assert_close(stats.tokens.float(), tokens)
     torch.testing.assert_close(stats.mass.float(), mass, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.contribution.float(), contribution, rtol=1e-4, atol=1e-5)
+
+
+def _llama4_reference(model, ids):
+    """Per-expert tokens, mass and contribution of Llama-4's MoE block (block 1), routing by hand: sigmoid of the top-1
+    router logit scales the expert's input."""
+    captured = []
+    moe = model.model.layers[1].feed_forward
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 32)))
+    _logits(model, ids)
+    handle.remove()
+    x = torch.cat(captured)
+    top, index = (x @ moe.router.weight.t()).topk(1, dim=-1)
+    scale = torch.sigmoid(top[:, 0])
+    experts = moe.experts
+    tokens, mass, contribution = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    for e in range(4):
+        rows = index[:, 0] == e
+        xs = scale[rows, None] * x[rows]
+        gate, up = (xs @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out = (F.silu(gate) * up) @ experts.down_proj[e]
+        tokens[e], mass[e], contribution[e] = rows.sum(), scale[rows].sum(), out.norm(dim=-1).sum()
+    return tokens, mass, contribution
+
+
+def test_llama4_expert_statistics_equal_hand_routing():
+    model = make_moe("llama4_text")
+    ids = make_ids()
+    plan = plan_expert_removal(model, _config())
+    assert [layer.index for layer in plan.layers] == [1] and plan.skipped_blocks == [0]
+    assert plan.layers[0].router_name == "model.layers.1.feed_forward.router"
+    stats = collect_expert_stats(model, plan, ids, batch_size=3, progress=False)[0]
+    tokens, mass, contribution = _llama4_reference(model, ids)
+    assert stats.tokens.sum() == ids.numel()  # top-1: one slot per token
+    torch.testing.assert_close(stats.tokens.float(), tokens)
+    torch.testing.assert_close(stats.mass.float(), mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.contribution.float(), contribution, rtol=1e-4, atol=1e-5)
+
+
+def test_llama4_removal_keeps_the_shared_expert_and_matches_brute_force_reconstruction():
+    model = make_moe("llama4_text")
+    ids = make_ids()
+    moe = model.model.layers[1].feed_forward
+    shared = {n: p.detach().clone() for n, p in moe.shared_expert.named_parameters()}
+    captured = []
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    _logits(model, ids)
+    handle.remove()
+    x = torch.cat(captured)
+    with torch.no_grad():
+        full = moe(x)[0]
+    errors = []
+    for e in range(4):  # brute force on the stock module: drop expert e and its router row
+        pruned = AutoModelForCausalLM.from_config(model.config)
+        pruned.load_state_dict(model.state_dict())
+        keep = [k for k in range(4) if k != e]
+        m = pruned.model.layers[1].feed_forward
+        with torch.no_grad():
+            m.experts.gate_up_proj = torch.nn.Parameter(m.experts.gate_up_proj[keep])
+            m.experts.down_proj = torch.nn.Parameter(m.experts.down_proj[keep])
+            m.router.weight = torch.nn.Parameter(m.router.weight[keep])
+            errors.append(float((m(x)[0] - full).pow(2).sum() / full.pow(2).sum()))
+    pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
+    pruner.apply(model, dataset=ids, progress=False)
+    (block,) = pruner.report.blocks
+    assert block["removed_experts"] == [min(range(4), key=lambda e: errors[e])]
+    assert block["reconstruction_path"][0][1] == pytest.approx(min(errors), rel=1e-4)
+    assert model.config.num_local_experts == 3 and moe.router.out_features == 3 and moe.experts.num_experts == 3
+    for n, p in moe.shared_expert.named_parameters():
+        assert torch.equal(p, shared[n])
 
 
 @pytest.mark.parametrize("criterion", ["contribution", "mass", "frequency", "reconstruction"])
