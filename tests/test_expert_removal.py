@@ -188,24 +188,7 @@ def test_llama4_removal_keeps_the_shared_expert_and_matches_brute_force_reconstr
     ids = make_ids()
     moe = model.model.layers[1].feed_forward
     shared = {n: p.detach().clone() for n, p in moe.shared_expert.named_parameters()}
-    captured = []
-    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    _logits(model, ids)
-    handle.remove()
-    x = torch.cat(captured)
-    with torch.no_grad():
-        full = moe(x)[0]
-    errors = []
-    for e in range(4):  # brute force on the stock module: drop expert e and its router row
-        pruned = AutoModelForCausalLM.from_config(model.config)
-        pruned.load_state_dict(model.state_dict())
-        keep = [k for k in range(4) if k != e]
-        m = pruned.model.layers[1].feed_forward
-        with torch.no_grad():
-            m.experts.gate_up_proj = torch.nn.Parameter(m.experts.gate_up_proj[keep])
-            m.experts.down_proj = torch.nn.Parameter(m.experts.down_proj[keep])
-            m.router.weight = torch.nn.Parameter(m.router.weight[keep])
-            errors.append(float((m(x)[0] - full).pow(2).sum() / full.pow(2).sum()))
+    errors, _ = _brute_force_errors(model, ids, "model.layers.1.feed_forward", "router")
     pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
     pruner.apply(model, dataset=ids, progress=False)
     (block,) = pruner.report.blocks
@@ -282,29 +265,38 @@ def test_cli_removes_experts(tmp_path, tokenizer, capsys):
     assert loaded.model.layers[1].mlp.gate.weight.shape == (2, 32)
 
 
-def test_reconstruction_removes_the_expert_whose_loss_changes_the_block_output_least():
-    model = make_moe("mixtral")
-    ids = make_ids()
-    layer = model.model.layers[0].mlp
+def _brute_force_errors(model, ids, moe_name: str, router: str) -> tuple[list, torch.Tensor]:
+    """`([relative output error of the MoE module with expert e dropped (its router row with it), e = 0..3], logits)`:
+    each on a pruned copy of the stock module, on the module's own calibration inputs."""
+    moe = model.get_submodule(moe_name)
     captured = []
-    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    dense = _logits(model, ids)
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    logits = _logits(model, ids)
     handle.remove()
     x = torch.cat(captured)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (Llama-4 also returns router logits)
     with torch.no_grad():
-        full = layer(x)
+        full = first(moe(x))
     errors = []
-    for e in range(4):  # brute force: drop expert e (its router row with it) and re-run the stock module
+    for e in range(4):
         pruned = AutoModelForCausalLM.from_config(model.config)
         pruned.load_state_dict(model.state_dict())
         keep = [k for k in range(4) if k != e]
-        moe = pruned.model.layers[0].mlp
+        m = pruned.get_submodule(moe_name)
+        r = getattr(m, router)
         with torch.no_grad():
-            moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[keep])
-            moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[keep])
-            moe.gate.weight = torch.nn.Parameter(moe.gate.weight[keep])
-            moe.experts.num_experts = moe.gate.num_experts = 3
-            errors.append(float((moe(x) - full).pow(2).sum() / full.pow(2).sum()))
+            m.experts.gate_up_proj = torch.nn.Parameter(m.experts.gate_up_proj[keep])
+            m.experts.down_proj = torch.nn.Parameter(m.experts.down_proj[keep])
+            r.weight = torch.nn.Parameter(r.weight[keep])
+            m.experts.num_experts = r.num_experts = 3
+            errors.append(float((first(m(x)) - full).pow(2).sum() / full.pow(2).sum()))
+    return errors, logits
+
+
+def test_reconstruction_removes_the_expert_whose_loss_changes_the_block_output_least():
+    model = make_moe("mixtral")
+    ids = make_ids()
+    errors, dense = _brute_force_errors(model, ids, "model.layers.0.mlp", "gate")
     pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
     pruner.apply(model, dataset=ids, progress=False)
     block = pruner.report.blocks[0]
