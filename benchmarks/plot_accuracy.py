@@ -59,7 +59,7 @@ def plot(results: dict, path: str) -> None:
     items = f"{s['accuracy']['limit']:g}" if s["accuracy"]["limit"] else "all"
     ax.set_title(f"SmolLM2-135M: accuracy ({items} items) vs perplexity "
                  f"({s['perplexity']['windows']}×{s['perplexity']['seq_len']} tokens)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, format="png")
 

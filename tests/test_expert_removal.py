@@ -39,14 +39,18 @@ def _moe_config(model_type: str):
         "qwen3_next": lambda: transformers.Qwen3NextConfig(
             num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2,
             linear_key_head_dim=8, linear_value_head_dim=8, **shared, **_COMMON),
+        # input-scaled experts, a shared expert and a dense first block (interleave step 2)
+        "llama4_text": lambda: transformers.Llama4TextConfig(
+            num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64, head_dim=8,
+            interleave_moe_layer_step=2, no_rope_layers=[1, 1], **_COMMON),
     }
     return builders[model_type]()
 
 
 MOE_TYPES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "granitemoe", "phimoe", "gpt_oss",
-             "qwen3_next"]
+             "qwen3_next", "llama4_text"]
 COUNT_FIELD = {"mixtral": "num_local_experts", "granitemoe": "num_local_experts", "phimoe": "num_local_experts",
-               "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts"}
+               "gpt_oss": "num_local_experts", "deepseek_v3": "n_routed_experts", "llama4_text": "num_local_experts"}
 
 
 def make_moe(model_type: str, seed: int = 0):
@@ -143,6 +147,58 @@ def test_expert_statistics_equal_hand_routing():
     torch.testing.assert_close(stats.contribution.float(), contribution, rtol=1e-4, atol=1e-5)
 
 
+def _llama4_reference(model, ids):
+    """Per-expert tokens, mass and contribution of Llama-4's MoE block (block 1), routing by hand: sigmoid of the top-1
+    router logit scales the expert's input."""
+    captured = []
+    moe = model.model.layers[1].feed_forward
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, 32)))
+    _logits(model, ids)
+    handle.remove()
+    x = torch.cat(captured)
+    top, index = (x @ moe.router.weight.t()).topk(1, dim=-1)
+    scale = torch.sigmoid(top[:, 0])
+    experts = moe.experts
+    tokens, mass, contribution = torch.zeros(4), torch.zeros(4), torch.zeros(4)
+    for e in range(4):
+        rows = index[:, 0] == e
+        xs = scale[rows, None] * x[rows]
+        gate, up = (xs @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out = (F.silu(gate) * up) @ experts.down_proj[e]
+        tokens[e], mass[e], contribution[e] = rows.sum(), scale[rows].sum(), out.norm(dim=-1).sum()
+    return tokens, mass, contribution
+
+
+def test_llama4_expert_statistics_equal_hand_routing():
+    model = make_moe("llama4_text")
+    ids = make_ids()
+    plan = plan_expert_removal(model, _config())
+    assert [layer.index for layer in plan.layers] == [1] and plan.skipped_blocks == [0]
+    assert plan.layers[0].router_name == "model.layers.1.feed_forward.router"
+    stats = collect_expert_stats(model, plan, ids, batch_size=3, progress=False)[0]
+    tokens, mass, contribution = _llama4_reference(model, ids)
+    assert stats.tokens.sum() == ids.numel()  # top-1: one slot per token
+    torch.testing.assert_close(stats.tokens.float(), tokens)
+    torch.testing.assert_close(stats.mass.float(), mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.contribution.float(), contribution, rtol=1e-4, atol=1e-5)
+
+
+def test_llama4_removal_keeps_the_shared_expert_and_matches_brute_force_reconstruction():
+    model = make_moe("llama4_text")
+    ids = make_ids()
+    moe = model.model.layers[1].feed_forward
+    shared = {n: p.detach().clone() for n, p in moe.shared_expert.named_parameters()}
+    errors, _ = _brute_force_errors(model, ids, "model.layers.1.feed_forward", "router")
+    pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
+    pruner.apply(model, dataset=ids, progress=False)
+    (block,) = pruner.report.blocks
+    assert block["removed_experts"] == [min(range(4), key=lambda e: errors[e])]
+    assert block["reconstruction_path"][0][1] == pytest.approx(min(errors), rel=1e-4)
+    assert model.config.num_local_experts == 3 and moe.router.out_features == 3 and moe.experts.num_experts == 3
+    for n, p in moe.shared_expert.named_parameters():
+        assert torch.equal(p, shared[n])
+
+
 @pytest.mark.parametrize("criterion", ["contribution", "mass", "frequency", "reconstruction"])
 def test_an_expert_never_routed_is_removed_and_outputs_do_not_change(criterion):
     model = make_moe("gpt_oss")  # its router has a bias: expert 2 can never be in a token's top-2
@@ -209,29 +265,38 @@ def test_cli_removes_experts(tmp_path, tokenizer, capsys):
     assert loaded.model.layers[1].mlp.gate.weight.shape == (2, 32)
 
 
-def test_reconstruction_removes_the_expert_whose_loss_changes_the_block_output_least():
-    model = make_moe("mixtral")
-    ids = make_ids()
-    layer = model.model.layers[0].mlp
+def _brute_force_errors(model, ids, moe_name: str, router: str) -> tuple[list, torch.Tensor]:
+    """`([relative output error of the MoE module with expert e dropped (its router row with it), e = 0..3], logits)`:
+    each on a pruned copy of the stock module, on the module's own calibration inputs."""
+    moe = model.get_submodule(moe_name)
     captured = []
-    handle = layer.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-    dense = _logits(model, ids)
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    logits = _logits(model, ids)
     handle.remove()
     x = torch.cat(captured)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731  (Llama-4 also returns router logits)
     with torch.no_grad():
-        full = layer(x)
+        full = first(moe(x))
     errors = []
-    for e in range(4):  # brute force: drop expert e (its router row with it) and re-run the stock module
+    for e in range(4):
         pruned = AutoModelForCausalLM.from_config(model.config)
         pruned.load_state_dict(model.state_dict())
         keep = [k for k in range(4) if k != e]
-        moe = pruned.model.layers[0].mlp
+        m = pruned.get_submodule(moe_name)
+        r = getattr(m, router)
         with torch.no_grad():
-            moe.experts.gate_up_proj = torch.nn.Parameter(moe.experts.gate_up_proj[keep])
-            moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj[keep])
-            moe.gate.weight = torch.nn.Parameter(moe.gate.weight[keep])
-            moe.experts.num_experts = moe.gate.num_experts = 3
-            errors.append(float((moe(x) - full).pow(2).sum() / full.pow(2).sum()))
+            m.experts.gate_up_proj = torch.nn.Parameter(m.experts.gate_up_proj[keep])
+            m.experts.down_proj = torch.nn.Parameter(m.experts.down_proj[keep])
+            r.weight = torch.nn.Parameter(r.weight[keep])
+            m.experts.num_experts = r.num_experts = 3
+            errors.append(float((first(m(x)) - full).pow(2).sum() / full.pow(2).sum()))
+    return errors, logits
+
+
+def test_reconstruction_removes_the_expert_whose_loss_changes_the_block_output_least():
+    model = make_moe("mixtral")
+    ids = make_ids()
+    errors, dense = _brute_force_errors(model, ids, "model.layers.0.mlp", "gate")
     pruner = SparsePruner(_config(0.25, method_kwargs={"criterion": "reconstruction"}))
     pruner.apply(model, dataset=ids, progress=False)
     block = pruner.report.blocks[0]

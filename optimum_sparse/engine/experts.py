@@ -28,7 +28,8 @@ from .offload import update_offloaded_tensor
 
 __all__ = [
     "ExpertsLayout", "EXPERTS_LAYOUTS", "ExpertLinear", "experts_layout", "find_experts_modules", "expert_handles",
-    "expert_intermediate", "expert_output", "routed_tokens", "is_router", "table_name", "ROUTER_NAMES",
+    "expert_intermediate", "expert_output", "routed_tokens", "is_router", "experts_routers", "layout_count",
+    "table_name", "ROUTER_NAMES",
 ]
 
 # last name component of a routing linear that sits beside an experts module
@@ -119,6 +120,19 @@ def is_router(block: nn.Module, name: str) -> bool:
     return hasattr(parent, "experts")
 
 
+def experts_routers(parent: nn.Module, num_experts: int) -> list[tuple[str, nn.Module]]:
+    """`[(attribute, module)]` of the routers of an experts module: the children of `parent` (the module holding the
+    experts) named like a router whose `weight` is `[num_experts, d]`, one row per expert."""
+    found = []
+    for attribute in ROUTER_NAMES:
+        module = getattr(parent, attribute, None)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and weight.shape[0] == num_experts:
+            found.append((attribute, module))
+    return found
+
+
 class ExpertLinear:
     """One expert's projection inside a fused experts module, seen as a linear layer.
 
@@ -189,6 +203,7 @@ def expert_handles(block: nn.Module) -> dict[str, ExpertLinear]:
 
 
 def layout_count(module: nn.Module, layout: ExpertsLayout) -> int:
+    """The number of experts of a fused experts module."""
     return getattr(module, layout.up_name).shape[0]
 
 

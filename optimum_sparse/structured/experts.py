@@ -1,16 +1,17 @@
 """Whole-expert removal (`PruningConfig(structure="experts")`): the lowest-scoring experts of every MoE block are cut
 out of the fused expert parameters and the router, and the config's expert count is updated.
 
-1. Plan (every check before any change): in every decoder block, the module holding fused 3-D expert parameters
-   (`gate_up_proj [E, ...]`, `down_proj [E, ...]`, their biases) and the router beside it (`gate` / `router`, weight
-   `[E, d]`); the same `E` everywhere; `round(sparsity · E)` experts to remove per block, at least one, leaving at least
-   `num_experts_per_tok` (and, for group-limited routing such as DeepSeek-V3's, the same count from every group).
+1. Plan (every check before any change): in every decoder block, the fused experts module found by the engine's
+   layout table (`optimum_sparse.engine.experts.find_experts_modules`: concatenated, gpt-oss, Llama-4 or a generic
+   fused layout) and the router beside it (`gate` / `router`, weight `[E, d]`); the same `E` everywhere;
+   `round(sparsity · E)` experts to remove per block, at least one, leaving at least `num_experts_per_tok` (and, for
+   group-limited routing such as DeepSeek-V3's, the same count from every group).
 2. Scores: one pass of the calibration windows through the model; a hook on each experts module reads the routing the
-   model itself computed (token → experts, weights) and re-runs the module's own forward per expert with every other
-   routing weight set to zero, which yields that expert's weighted output `w_te · E_e(x_t)` without re-implementing
-   the model. Per expert: tokens routed, routed mass `Σ_t w_te`, and the contribution `Σ_t ‖w_te · E_e(x_t)‖₂`
-   (the routed mass times the mass-weighted mean output norm). The method (`optimum_sparse.methods.expert_removal`)
-   turns them into the kept experts.
+   model itself computed (`routed_tokens`: token → experts, weights) and computes each expert's output on its tokens
+   with the model's own code (`expert_output`), which yields its weighted output `w_te · E_e(x_t)` (Llama-4, whose
+   experts take router-scaled inputs: `E_e(w_te · x_t)`). Per expert: tokens routed, routed mass `Σ_t w_te`, and the
+   contribution `Σ_t ‖w_te · E_e(x_t)‖₂` (the routed mass times the mass-weighted mean output norm). The method
+   (`optimum_sparse.methods.expert_removal`) turns them into the kept experts.
 3. Removal: every parameter and buffer of the experts module and the router whose first dimension is `E` is sliced
    to the kept experts in their original order (router rows, router bias, `e_score_correction_bias`, expert biases),
    which renumbers the router's outputs; modules' `num_experts`-like attributes and the config's expert count
@@ -31,6 +32,9 @@ import torch
 import torch.nn as nn
 from ..engine.architectures import find_blocks, get_architecture
 from ..engine.block import LayerReport
+from ..engine.experts import (
+    ExpertsLayout, expert_output, experts_routers, find_experts_modules, layout_count, routed_tokens,
+)
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
 from .shrink import count_parameters
@@ -48,11 +52,9 @@ EXPERT_COUNT_FIELDS = {
     "mixtral": "num_local_experts", "granitemoe": "num_local_experts", "granitemoeshared": "num_local_experts",
     "phimoe": "num_local_experts", "gpt_oss": "num_local_experts", "qwen2_moe": "num_experts",
     "qwen3_moe": "num_experts", "qwen3_next": "num_experts", "olmoe": "num_experts",
-    "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts",
+    "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "llama4_text": "num_local_experts",
 }
 _COUNT_NAMES = ("num_local_experts", "num_experts", "n_routed_experts")
-_ROUTER_NAMES = ("gate", "router")
-_FUSED = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class MoELayer:
     num_groups: int = 1  # group-limited routing (DeepSeek-V3 `n_group`)
     experts_attr: str = "experts"  # attribute names of the experts module and the router inside `moe`
     router_attr: str = "gate"
+    layout: Optional[ExpertsLayout] = None  # the engine's storage layout (`optimum_sparse.engine.experts`)
 
 
 @dataclass
@@ -111,24 +114,20 @@ class ExpertPlan:
 
 
 def _find_moe(block: nn.Module, prefix: str, index: int) -> Optional[MoELayer]:
-    found = [(name, m) for name, m in block.named_modules()
-             if all(isinstance(m._parameters.get(p), torch.Tensor) and m._parameters[p].dim() == 3 for p in _FUSED)]
+    found = find_experts_modules(block)  # the engine's layout table: one place per layout
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"{prefix}: several fused expert modules ({[n for n, _ in found]}); expert removal expects one.")
-    name, experts = found[0]
-    num_experts = experts.gate_up_proj.shape[0]
+        raise ValueError(f"{prefix}: several fused expert modules ({list(found)}); expert removal expects one.")
+    ((name, (experts, layout)),) = found.items()
+    num_experts = layout_count(experts, layout)
     parent_name = name.rpartition(".")[0]
     moe = block.get_submodule(parent_name) if parent_name else block
-    routers = [(n, getattr(moe, n)) for n in _ROUTER_NAMES if isinstance(getattr(moe, n, None), nn.Module)]
-    routers = [(n, r) for n, r in routers if isinstance(getattr(r, "weight", None), torch.Tensor)
-               and r.weight.dim() == 2 and r.weight.shape[0] == num_experts]
+    routers = experts_routers(moe, num_experts)
     if len(routers) != 1:
         raise ValueError(f"{prefix}.{parent_name}: no router ('gate' or 'router' with a weight of {num_experts} rows) "
                          "beside the experts; expert removal cannot renumber the routing.")
-    params = list(inspect.signature(experts.forward).parameters)
-    if len(params) < 3:
+    if not layout.input_scaled and len(inspect.signature(experts.forward).parameters) < 3:
         raise ValueError(f"{prefix}.{name} ({type(experts).__name__}): its forward takes no routing "
                          "(hidden_states, indices, weights); expert removal does not support this layout yet.")
     router_name, router = routers[0]
@@ -136,7 +135,7 @@ def _find_moe(block: nn.Module, prefix: str, index: int) -> Optional[MoELayer]:
     return MoELayer(index=index, name=f"{prefix}.{name}", experts=experts, router=router,
                     router_name=f"{prefix}.{parent_name}.{router_name}" if parent_name else f"{prefix}.{router_name}",
                     moe=moe, num_experts=num_experts, num_groups=groups, experts_attr=name.rpartition(".")[2],
-                    router_attr=router_name)
+                    router_attr=router_name, layout=layout)
 
 
 def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan:
@@ -149,7 +148,8 @@ def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan
         (layers.append(layer) if layer is not None else dense.append(index))
     if not layers:
         raise ValueError(f"PruningConfig.structure='experts': {type(model).__name__} has no fused expert parameters "
-                         f"({' / '.join(_FUSED)} [E, ...]) in its decoder blocks; it is not a mixture of experts.")
+                         "(gate_up_proj or up_proj, down_proj [E, ...]) in its decoder blocks; it is not a mixture of "
+                         "experts.")
     counts = {layer.num_experts for layer in layers}
     if len(counts) != 1:
         raise ValueError(f"MoE blocks have different expert counts {sorted(counts)}; expert removal expects one.")
@@ -187,30 +187,36 @@ def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan
     return ExpertPlan(layers=layers, num_experts=num_experts, remove=remove, count_field=count_field, top_k=top_k, skipped_blocks=dense)
 
 
-def _routing(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    bound = inspect.signature(experts.forward).bind(*args, **kwargs)
-    hidden, indices, weights = list(bound.arguments.values())[:3]
-    return hidden, indices, weights
-
-
 @torch.no_grad()
-def _accumulate(experts: nn.Module, stats: ExpertStats, hidden: torch.Tensor, indices: torch.Tensor,
-                weights: torch.Tensor) -> None:
-    """Adds one batch: for each expert, its tokens, routing mass and weighted output norms (the module's own forward
-    on the expert's tokens, routed to it alone (one slot) with its routing weight)."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    indices = indices.reshape(hidden.shape[0], -1)
-    weights = weights.reshape(hidden.shape[0], -1)
-    for e in range(stats.tokens.numel()):
-        chosen = indices == e
-        rows = chosen.any(dim=1).nonzero().flatten()
+def _accumulate(layer: MoELayer, stats: ExpertStats, args: tuple, kwargs: dict,
+                moe_input: Optional[torch.Tensor]) -> None:
+    """Adds one call of the experts module: for each expert, its tokens, routing mass and weighted output norms, from
+    the router's decision (`routed_tokens`) and the expert's output with the model's own code (`expert_output`).
+
+    Llama-4's experts take inputs already scaled by the routing weight `w_te`: the expert's output is `E_e(w_te·x_t)`
+    and `w_te = ‖w_te·x_t‖ / ‖x_t‖`, with `x_t` the MoE module's input (`moe_input`)."""
+    layout = layer.layout
+    hidden, per_expert = routed_tokens(layout, layer.num_experts, args, kwargs)
+    if layout.input_scaled:
+        x_norm = moe_input.reshape(-1, hidden.shape[-1]).to(torch.float64).norm(dim=-1)
+    else:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+    for e, (rows, weights) in enumerate(per_expert):
         if rows.numel() == 0:
             continue
-        weight = torch.where(chosen[rows], weights[rows], torch.zeros_like(weights[rows])).sum(dim=1, keepdim=True)
-        out = experts.forward(hidden[rows], torch.full_like(indices[rows][:, :1], e), weight)
-        stats.tokens[e] += float(chosen.sum())
-        stats.mass[e] += float(weight.to(torch.float64).sum())
-        stats.contribution[e] += float(out.to(torch.float64).norm(dim=-1).sum())
+        x = hidden[e, rows] if layout.input_scaled else hidden[rows]
+        norms = expert_output(layer.experts, layout, e, x).to(torch.float64).norm(dim=-1)
+        if layout.input_scaled:
+            scale = x_norm[rows.to(x_norm.device)]
+            weights = torch.where(scale > 0, x.to(torch.float64).norm(dim=-1) / scale.clamp_min(1e-300),
+                                  torch.zeros_like(scale))
+            contribution = norms.sum()
+        else:
+            weights = weights.to(torch.float64)
+            contribution = (weights.abs().to(norms.device) * norms).sum()
+        stats.tokens[e] += rows.numel()
+        stats.mass[e] += float(weights.sum())
+        stats.contribution[e] += float(contribution)
 
 
 @torch.no_grad()
@@ -221,20 +227,29 @@ def collect_expert_stats(model: nn.Module, plan: ExpertPlan, input_ids: torch.Te
     `moe_inputs`: a list to fill with, per MoE block, the list of its MoE module's input batches (on the CPU).
     """
     stats = [ExpertStats.zeros(layer.num_experts) for layer in plan.layers]
-    handles = []
+    current: list = [None] * len(plan.layers)  # the MoE module's input of the running call
     if moe_inputs is not None:
         moe_inputs.extend([] for _ in plan.layers)
-        for layer, store in zip(plan.layers, moe_inputs):
-            handles.append(layer.moe.register_forward_pre_hook(
-                lambda module, args, kwargs, store=store: store.append(
-                    (args[0] if args else next(iter(kwargs.values()))).detach().to("cpu")), with_kwargs=True))
 
-    def hook(layer_stats):
-        def fn(module, args, kwargs, output):
-            _accumulate(module, layer_stats, *_routing(module, args, kwargs))
+    def pre_hook(i):
+        def fn(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            current[i] = x
+            if moe_inputs is not None:
+                moe_inputs[i].append(x.detach().to("cpu"))
         return fn
 
-    handles += [layer.experts.register_forward_hook(hook(s), with_kwargs=True) for layer, s in zip(plan.layers, stats)]
+    def hook(i):
+        def fn(module, args, kwargs, output):
+            _accumulate(plan.layers[i], stats[i], args, kwargs, current[i])
+            current[i] = None
+        return fn
+
+    handles = []
+    for i, layer in enumerate(plan.layers):
+        if layer.layout.input_scaled or moe_inputs is not None:
+            handles.append(layer.moe.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(layer.experts.register_forward_hook(hook(i), with_kwargs=True))
     forward_batches(model, input_ids, batch_size, handles, "Scoring experts", progress)
     return stats
 
@@ -285,14 +300,14 @@ def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[t
     Returns `(kept experts, each expert's error when removed alone (the scores, negated: higher = keep),
     [(expert, error after removing it), ...] in removal order)`.
     """
-    device = layer.experts.gate_up_proj.device
+    device = getattr(layer.experts, layer.layout.up_name).device
     full = [_moe_output(layer.moe, x, device) for x in inputs]
     energy = sum(float(y.pow(2).sum()) for y in full)
 
     def error(removed: list) -> float:
         moe = copy.deepcopy(layer.moe)
         clone = MoELayer(layer.index, layer.name, getattr(moe, layer.experts_attr), getattr(moe, layer.router_attr),
-                         layer.router_name, moe, layer.num_experts, layer.num_groups)
+                         layer.router_name, moe, layer.num_experts, layer.num_groups, layout=layer.layout)
         keep = torch.tensor([e for e in range(layer.num_experts) if e not in removed])
         remove_experts(clone, keep)
         diff = sum(float((_moe_output(moe, x, device) - y).pow(2).sum()) for x, y in zip(inputs, full))
