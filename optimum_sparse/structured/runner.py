@@ -58,7 +58,7 @@ class StructuredPlan:
         if any(is_offloaded(block) for block in self.blocks):
             raise ValueError("Structured pruning replaces linears and needs every block in memory (no disk/CPU "
                              "offload through accelerate); load the model without offloading.")
-        self.geometry: HeadGeometry = head_geometry(model.config)
+        self.geometry: HeadGeometry = head_geometry(model.config, self.layout)
         self.kinds = [k for k in ("heads", "channels") if k in config.structure.split("+")]
         self.modules: list[ModuleBudget] = []
         self.linears: dict[str, nn.Module] = {}
