@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ignore", nargs="*", default=[], help="Modules to skip (class, name suffix, 're:' regex).")
     prune.add_argument("--damping", type=float, default=0.01, help="Relative Hessian damping.")
     prune.add_argument("--block-size", type=int, default=128, help="Column block size of the OBS solver.")
+    prune.add_argument("--uniform-shapes", action="store_true",
+                       help="Structured pruning: same head/channel counts in every block (stock config, no remote code).")
     prune.add_argument("--true-sequential", action="store_true",
                        help="Recollect statistics after each linear group (q/k/v, o, gate/up, down) is pruned.")
     prune.add_argument("--method-kwargs", default="{}", help="JSON dict of method-specific parameters.")

@@ -8,6 +8,7 @@ decoders fall back to a generic search: the longest `nn.ModuleList` of identical
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
@@ -77,6 +78,8 @@ class StructuredLayout:
         mlp_field: the config field of the MLP width (stock form).
         heads_field: the config field of the number of query heads.
         stock_heads: the stock config can express fewer heads (it has a `head_dim` independent of `hidden_size`).
+        bias_fields: `(config field, linears it gives a bias)` pairs: a bias added by compensation to one of them
+            is expressed in the stock config by setting the field and giving the others zero biases.
     """
 
     attention: str
@@ -98,15 +101,25 @@ class StructuredLayout:
     mlp_field: Optional[str] = "intermediate_size"
     heads_field: str = "num_attention_heads"
     stock_heads: bool = True
+    bias_fields: tuple = ()
+
+    def bias_field(self, name: str) -> Optional[str]:
+        """The config field that gives linear `name` (relative to a block) a bias, if any."""
+        return next((field for field, names in self.bias_fields if name in names), None)
 
     @property
     def attention_inputs(self) -> tuple:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
 
 
+_ATTENTION_BIAS = ("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+_MLP_BIAS = ("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
 def _llama_layout(**overrides) -> StructuredLayout:
     fields = dict(attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  o="self_attn.o_proj", mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj")
+                  o="self_attn.o_proj", mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj",
+                  bias_fields=(_ATTENTION_BIAS,))
     fields.update(overrides)
     return StructuredLayout(**fields)
 
@@ -118,7 +131,8 @@ def _falcon_layout(config) -> StructuredLayout:
                                     "is built for config.num_attention_heads in every block.")
     common = dict(attention="self_attention", qkv="self_attention.query_key_value", o="self_attention.dense",
                   mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h", mlp_field="ffn_hidden_size",
-                  stock_heads=False)
+                  stock_heads=False, bias_fields=(("bias", ("self_attention.query_key_value", "self_attention.dense",
+                                                            "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),))
     if config.new_decoder_architecture:
         return StructuredLayout(**common, qkv_order="per_group", kv_heads_field="num_kv_heads",
                                 head_attributes=(("num_heads", "q_heads"), ("num_kv_heads", "kv_heads")))
@@ -205,17 +219,20 @@ MOE_ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "llama4_text": _moe_spec("feed_forward", "feed_forward.activation_fn"),
 }
 
+_LLAMA_MLP_BIAS = dataclasses.replace(_LLAMA_LIKE, structured=_llama_layout(bias_fields=(_ATTENTION_BIAS, _MLP_BIAS)))
+_NO_BIAS_FIELD = dataclasses.replace(_LLAMA_LIKE, structured=_llama_layout(bias_fields=()))
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "llama": _LLAMA_MLP_BIAS,
+    "mistral": _NO_BIAS_FIELD,
+    "qwen2": _NO_BIAS_FIELD,  # q/k/v always have a bias, o_proj never
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _GEMMA_POST_NORM,
     "gemma3_text": _GEMMA_POST_NORM,
     "olmo2": _OLMO,
     "olmo3": _OLMO,
-    "granite": _LLAMA_LIKE,
+    "granite": _LLAMA_MLP_BIAS,
     "cohere": ArchitectureSpec(  # parallel attention and MLP on one LayerNorm; optional per-head q/k LayerNorm
         blocks=_LLAMA_LIKE.blocks,
         groups=_LLAMA_LIKE.groups,
@@ -238,7 +255,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         structured=StructuredLayout(
             attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
             o="self_attn.out_proj", mlp_inputs=("fc1",), mlp_output="fc2", head_attributes=(("num_heads", "q_heads"),),
-            kv_heads_field=None, mlp_field="ffn_dim", stock_heads=False),
+            kv_heads_field=None, mlp_field="ffn_dim", stock_heads=False,
+            bias_fields=(("enable_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                          "self_attn.out_proj", "fc1", "fc2")),)),
     ),
     "gpt2": ArchitectureSpec(
         blocks="transformer.h",
@@ -256,7 +275,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         structured=StructuredLayout(
             attention="attention", qkv="attention.query_key_value", qkv_order="per_head", o="attention.dense",
             mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h", kv_heads_field=None,
-            stock_heads=False),
+            stock_heads=False, bias_fields=(("attention_bias", ("attention.query_key_value", "attention.dense")),)),
     ),
     # parallel attention by default; FalconLinear is an nn.Linear subclass. No MLP spec: the block adds the attention
     # output into the MLP output in place (`mlp_output += attention_output`), so a hook's copy of the FFN output is

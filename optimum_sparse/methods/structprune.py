@@ -115,6 +115,9 @@ class StructPrunePruning(StructuredMethod):
         scores = obs_group_scores(weight.to(torch.float64), hinv, width)
         return scores / max(reference_energy, 1e-30) / cost
 
+    def adds_output_bias(self) -> bool:
+        return bool(self.config.method_kwargs.get("bias_correction", True))
+
     def select(self, kind, weight, bias, stats, width, keep):
         kw = self.config.method_kwargs
         H = damped(stats.hessian, self.config.damping)

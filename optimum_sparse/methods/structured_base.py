@@ -80,6 +80,10 @@ class StructuredMethod(PruningMethod):
         if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 <= deviation <= 1:
             raise ValueError(f"PruningConfig.method_kwargs['max_deviation'] must be in [0, 1], got {deviation!r}.")
 
+    def adds_output_bias(self) -> bool:
+        """Whether `select` may return a bias delta (a bias is then created on an output projection without one)."""
+        return False
+
     @property
     def allocation(self) -> str:
         return self.config.method_kwargs.get("allocation", self.default_allocation)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["ModuleBudget", "round_to_budget", "uniform_allocation", "threshold_allocation", "softmax_allocation",
+__all__ = ["ModuleBudget", "round_to_budget", "uniform_allocation", "pooled_common_sizes", "same_shapes_per_kind", "threshold_allocation", "softmax_allocation",
            "check_feasible", "allocate", "allocation_record"]
 
 logger = logging.getLogger(__name__)
@@ -103,12 +103,30 @@ def uniform_allocation(modules: list[ModuleBudget], sparsity: float) -> list[int
     (an already pruned model) fall back to `round_to_budget`.
     """
     budget = sparsity * sum(m.params for m in modules)
+    kinds = _kinds(modules)
+    if not same_shapes_per_kind(modules):
+        return round_to_budget(modules, [sparsity * m.params / m.cost for m in modules], budget)
+    return _common_sizes(modules, budget, {kind: sparsity * modules[js[0]].params / modules[js[0]].cost
+                                           for kind, js in kinds.items()})
+
+
+def _kinds(modules: list[ModuleBudget]) -> dict:
     kinds: dict = {}
     for j, m in enumerate(modules):
         kinds.setdefault(m.key[1], []).append(j)
-    signatures = {kind: {(modules[j].groups, modules[j].step, modules[j].cost) for j in js} for kind, js in kinds.items()}
-    if any(len(sig) > 1 for sig in signatures.values()):
-        return round_to_budget(modules, [sparsity * m.params / m.cost for m in modules], budget)
+    return kinds
+
+
+def same_shapes_per_kind(modules: list[ModuleBudget]) -> bool:
+    """Whether every module of a kind has the same groups, step and cost (a model not yet pruned per layer)."""
+    return all(len({(modules[j].groups, modules[j].step, modules[j].cost) for j in js}) == 1
+               for js in _kinds(modules).values())
+
+
+def _common_sizes(modules: list[ModuleBudget], budget: float, removed_wish: dict) -> list[int]:
+    """One kept count per kind: the nearest allowed count to `groups − removed_wish[kind]` for every kind but the
+    last, and for the last the count that brings the removed parameters closest to `budget`."""
+    kinds = _kinds(modules)
     keeps = [0] * len(modules)
     removed = 0.0
     names = list(kinds)
@@ -116,7 +134,7 @@ def uniform_allocation(modules: list[ModuleBudget], sparsity: float) -> list[int
         js = kinds[kind]
         m = modules[js[0]]
         if position < len(names) - 1:
-            wish = m.groups - sparsity * m.params / m.cost
+            wish = m.groups - removed_wish[kind]
             keep = min(m.options(), key=lambda k: abs(k - wish))
         else:
             keep = min(m.options(), key=lambda k: abs(budget - removed - (m.groups - k) * m.cost * len(js)))
@@ -124,6 +142,18 @@ def uniform_allocation(modules: list[ModuleBudget], sparsity: float) -> list[int
         for j in js:
             keeps[j] = keep
     return keeps
+
+
+def pooled_common_sizes(modules: list[ModuleBudget], keeps: list[int], sparsity: float) -> list[int]:
+    """`uniform_shapes`: the same kept count in every block, per kind, from a per-module allocation `keeps`.
+
+    The rule's removed groups of each kind are pooled over the blocks (their mean per block is the kind's wish), so
+    the rule decides how the budget splits between heads and channels while every block keeps the same sizes; the
+    last kind then takes the common count closest to the budget (as the uniform rule does).
+    """
+    kinds = _kinds(modules)
+    wish = {kind: sum(modules[j].groups - keeps[j] for j in js) / len(js) for kind, js in kinds.items()}
+    return _common_sizes(modules, sparsity * sum(m.params for m in modules), wish)
 
 
 def threshold_allocation(modules: list[ModuleBudget], scores: list[torch.Tensor], sparsity: float) -> list[int]:

@@ -172,12 +172,37 @@ def shrink_channels(block: nn.Module, layout: StructuredLayout, keep: torch.Tens
                                                       weight=down_weight, bias_delta=down_bias_delta))
 
 
+def _express_added_biases(config, layout: StructuredLayout, blocks: nn.ModuleList, prefix: str,
+                          added: list[str]) -> None:
+    """`uniform_shapes`: biases added by compensation become stock: the config field that gives those linears a
+    bias is set, and the other linears it covers get zero biases (in every block)."""
+    fields = set()
+    for name in added:
+        relative = name[len(prefix) + 1:].partition(".")[2]
+        field = layout.bias_field(relative)
+        if field is None:  # refused before any change by StructuredPlan.check_method
+            raise RuntimeError(f"No stock config field gives {relative} a bias.")
+        fields.add(field)
+    for field, names in layout.bias_fields:
+        if field not in fields:
+            continue
+        for block in blocks:
+            for name in names:
+                module = block.get_submodule(name)
+                if getattr(module, "bias", None) is None:
+                    module.bias = nn.Parameter(torch.zeros(out_features(module), dtype=module.weight.dtype,
+                                                           device=module.weight.device))
+        setattr(config, field, True)
+
+
 def finalize_config(model: nn.Module, layout: StructuredLayout, geometry: HeadGeometry, blocks: nn.ModuleList,
-                    prefix: str, original_shapes: dict[str, tuple[int, int, bool]]) -> str:
+                    prefix: str, original_shapes: dict[str, tuple[int, int, bool]], uniform_shapes: bool = False) -> str:
     """Records the new sizes in `model.config`; returns the format used (`"stock"` or `"per-layer"`).
 
     Args:
         original_shapes: `{full linear name: (out, in, has_bias)}` before pruning, for every prunable linear.
+        uniform_shapes: the stock form is required; biases added by compensation are expressed through the
+            layout's `bias_fields` (zero biases on the other linears those fields cover).
     """
     config = model.config
     current = {}
@@ -191,8 +216,11 @@ def finalize_config(model: nn.Module, layout: StructuredLayout, geometry: HeadGe
     widths = {in_features(block.get_submodule(layout.mlp_output)) for block in blocks}
     groups = {geometry.num_groups(block, layout) for block in blocks}
     original_groups = getattr(config, layout.heads_field) // geometry.q_per_kv
-    bias_added = any(shape[2] and not original_shapes[name][2] for name, shape in current.items())
-    uniform = len(widths) == 1 and len(groups) == 1 and not bias_added
+    added = [name for name, shape in current.items() if shape[2] and not original_shapes[name][2]]
+    if uniform_shapes and added:
+        _express_added_biases(config, layout, blocks, prefix, added)
+        added = []
+    uniform = len(widths) == 1 and len(groups) == 1 and not added
     if uniform and (heads_in_stock or groups == {original_groups}) and mlp_field is not None:
         setattr(config, mlp_field, widths.pop())
         kept = groups.pop()
@@ -202,6 +230,9 @@ def finalize_config(model: nn.Module, layout: StructuredLayout, geometry: HeadGe
                 setattr(config, layout.kv_heads_field, kept)
             setattr(config, layout.heads_field, kept * geometry.q_per_kv)
         return "stock"
+    if uniform_shapes:  # the plan's checks make this unreachable
+        raise RuntimeError(f"uniform_shapes=True ended with per-block sizes: KV groups {sorted(groups)}, MLP widths "
+                           f"{sorted(widths)}.")
     name_of_class = type(model).__name__
     pruned_class = name_of_class if name_of_class in PRUNED_CLASSES.values() else PRUNED_CLASSES.get(name_of_class)
     if pruned_class is None:
