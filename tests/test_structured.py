@@ -393,7 +393,8 @@ def test_record_of_a_structured_run(tmp_path):
     assert record.config.structure == "channels+heads" and record.method == "flap"
     removed = {layer.name: layer.extra["removed_fraction"] for layer in record.layers}
     assert any(v > 0 for v in removed.values())
-    assert "structured" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "structured" in card and "`trust_remote_code=True` in transformers only" in card
 
 
 def test_structured_refuses_the_unstructured_allocators():

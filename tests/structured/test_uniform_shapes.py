@@ -148,3 +148,5 @@ def test_cli_flag(tmp_path, tokenizer):
     assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["uniform_shapes"] is True
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # stock: no remote code
     assert type(loaded) is transformers.LlamaForCausalLM and loaded.config.intermediate_size < 64
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`uniform_shapes=True`" in card and "loads without `trust_remote_code`" in card
