@@ -18,7 +18,7 @@ result is never worse than that baseline on the module's calibration error.
 Layer-wise allocation (`allocation`, default `"softmax"`): comparable score of a group = its OBS removal cost
 `tr(W_g [H⁻¹]_gg⁻¹ W_gᵀ)` divided by the block's residual-stream energy and by the parameters the group removes.
 `"threshold"` removes the globally cheapest groups (one shared threshold); `"softmax"` spreads the budget by the
-softmax of the modules' standardised log-energies (see `optimum_sparse.structured.allocation`).
+softmax of the modules' standardised log-energies (see `optimum_sparse.allocation.structured`).
 """
 
 from __future__ import annotations

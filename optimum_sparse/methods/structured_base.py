@@ -46,7 +46,7 @@ class StructuredMethod(PruningMethod):
 
     Subclasses set `name`, `stats` (`"norms"`: sums and squares only; `"hessian"`: also `Σ x xᵀ`) and
     `default_allocation`, and implement `select` (and `allocation_scores` for a non-uniform allocation).
-    `method_kwargs["allocation"]` overrides the allocation rule (see `optimum_sparse.structured.allocation`).
+    `method_kwargs["allocation"]` overrides the allocation rule (see `optimum_sparse.allocation.structured`).
     """
 
     structured: ClassVar[bool] = True

@@ -27,7 +27,7 @@ from ..engine.capture import BlockInputs, capture_block_inputs
 from ..engine.devices import is_offloaded, onload_block, solve_device
 from ..engine.linears import in_features, read_weight
 from ..engine.sequential import PruningReport
-from .allocation import (ModuleBudget, allocate, allocation_record, check_feasible, pooled_common_sizes,
+from ..allocation.structured import (ModuleBudget, allocate, allocation_record, check_feasible, pooled_common_sizes,
                          same_shapes_per_kind)
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
