@@ -149,3 +149,24 @@ def test_model_without_layout_is_refused_naming_what_is_missing():
     assert_state_unchanged(model, before)
     with pytest.raises(UnsupportedModelError, match="add a `structured` layout"):
         get_structured_layout(model)
+
+
+@pytest.mark.parametrize("name, budget", [("phi3", "params"), ("gpt_neox", "params"), ("falcon", "latency"),
+                                          ("falcon-new", "params"), ("cohere", "latency")])
+def test_structured_search_on_other_layouts(name, budget, tmp_path):
+    kwargs = {"generations": 1, "rounds": 1, "offspring": 2, "survivors": 1, "levels": 1, "budget": budget}
+    if budget == "latency":
+        kwargs["latency_repeats"] = 1
+    _, model, pruner = _prune(name, "wanda-structured", allocation="search", allocation_kwargs=kwargs)
+    structured = pruner.allocation.info["structured"]
+    if budget == "params":
+        assert structured["removed_params"] == structured["start_removed_params"]
+    else:
+        latency = pruner.allocation.info["latency"]
+        assert latency["achieved_latency"] <= latency["start_latency"]
+    ids = make_ids(2, 16, seed=3)
+    expected = _logits(model, ids)
+    pruner.save_pretrained(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, trust_remote_code=pruner.structured_summary["format"] != "stock").eval()
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-6, rtol=1e-5)
