@@ -91,10 +91,6 @@ class StructuredPlan:
         if not same_shapes_per_kind(self.modules):
             raise ValueError("PruningConfig.uniform_shapes=True: the blocks of this model already have different "
                              "head/channel counts (a model pruned with per-layer shapes); prune the original model.")
-        if config.allocation == "search":
-            raise ValueError("PruningConfig.uniform_shapes=True with allocation='search' is not supported: the search "
-                             "moves kept heads/channels between blocks, which uniform shapes forbid. Use the method's "
-                             "rule (method_kwargs['allocation']), pooled over the blocks under uniform_shapes.")
 
     def check_method(self, method: "StructuredMethod", config: "PruningConfig") -> None:
         """Checks that need the method (before any change): under `uniform_shapes`, a bias the method adds to an
@@ -208,7 +204,13 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
     try:
         if config.sparsity > 0:
             allocation = None
-            if config.allocation == "search":  # the dense model is restored when the search returns
+            if config.allocation == "search" and config.uniform_shapes:  # the heads/channels split
+                from .uniform_search import uniform_shapes_search
+
+                allocation = uniform_shapes_search(model, plan, method, config, input_ids, progress)
+                kept = allocation.info["structured"]["kept_groups"]
+                keeps = [kept[name] for name in plan.module_names()]
+            elif config.allocation == "search":  # the dense model is restored when the search returns
                 from .search import structured_search
 
                 allocation = structured_search(model, plan, method, config, input_ids, progress)

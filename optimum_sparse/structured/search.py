@@ -83,6 +83,10 @@ def validate_structured_search(config) -> dict:
     if unknown:
         raise ValueError(f"PruningConfig.allocation_kwargs: unknown keys {unknown} for allocation='search' with "
                          f"structure={config.structure!r}; allowed: {sorted(STRUCTURED_SEARCH_DEFAULTS)}.")
+    if getattr(config, "uniform_shapes", False):  # the heads/channels split search (structured.uniform_search)
+        from .uniform_search import check_uniform_search_kwargs
+
+        check_uniform_search_kwargs(config)
     kw = {**STRUCTURED_SEARCH_DEFAULTS, **config.allocation_kwargs}
     check_search_kwargs(kw, STRUCTURED_INITS, config.sparsity, max_below_one=False)
     if kw["budget"] not in BUDGETS:

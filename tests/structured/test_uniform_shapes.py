@@ -100,7 +100,6 @@ def test_pooled_allocation_keeps_the_rules_split_between_kinds():
     ("falcon", {}, "derives head_dim from hidden_size"),
     ("qwen2", {"method": "flap"}, "adds a bias to self_attn.o_proj"),
     ("gemma", {"method": "structprune", "structure": "channels"}, "adds a bias to mlp.down_proj"),
-    ("llama", {"allocation": "search"}, "allocation='search' is not supported"),
 ])
 def test_refused_before_any_change(name, kwargs, message):
     model = make_arch(name)
@@ -150,3 +149,29 @@ def test_cli_flag(tmp_path, tokenizer):
     assert type(loaded) is transformers.LlamaForCausalLM and loaded.config.intermediate_size < 64
     card = (tmp_path / "out" / "README.md").read_text()
     assert "`uniform_shapes=True`" in card and "loads without `trust_remote_code`" in card
+
+
+def test_search_picks_the_best_heads_channels_split(tmp_path):
+    model = make_arch("llama")
+    config = _config("structprune", allocation="search", allocation_kwargs={"search_samples": 4})
+    pruner = SparsePruner(config)
+    pruner.apply(model, dataset=make_ids(), progress=False)
+    info = pruner.allocation.info
+    rows = info["candidates"]
+    assert len(rows) == 2  # 1 or 2 KV groups kept per block
+    assert {r["kept"]["heads"] for r in rows} == {1, 2}
+    assert all(r["fitness"] > 0 for r in rows) and rows[0]["fitness"] != rows[1]["fitness"]  # scored pruned copies
+    best = min(rows, key=lambda r: r["fitness"])
+    layer = pruner.structured_summary["layers"][0]
+    assert (layer["num_key_value_heads"], layer["intermediate_size"]) == (best["kept"]["heads"], best["kept"]["channels"])
+    assert pruner.structured_summary["format"] == "stock"
+    ids = make_ids(2, 16, seed=2)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), ids),
+                               expected, atol=1e-6, rtol=1e-5)
+
+
+def test_search_settings_of_the_evolution_are_refused_under_uniform_shapes():
+    with pytest.raises(ValueError, match="do not apply to allocation='search' with uniform_shapes=True"):
+        _config("structprune", allocation="search", allocation_kwargs={"generations": 3})
