@@ -132,7 +132,10 @@ class StructuredPlan:
         for name in inputs:
             module = block.get_submodule(name)
             bias = getattr(module, "bias", None) is not None
-            cost += (out_features(module) // groups) * (in_features(module) + int(bias))
+            rows = out_features(module) // groups
+            if kind == "heads" and self.geometry.shared_kv:  # only query rows go; the one key/value head stays
+                rows = self.geometry.head_dim if name != self.layout.k and name != self.layout.v else 0
+            cost += rows * (in_features(module) + int(bias))
             params += _params(module)
             self.linears[f"{self.spec.blocks}.{index}.{name}"] = module
         self.linears[f"{self.spec.blocks}.{index}.{output}"] = out_module

@@ -170,3 +170,16 @@ def test_structured_search_on_other_layouts(name, budget, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, trust_remote_code=pruner.structured_summary["format"] != "stock").eval()
     torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_multi_query_budget_counts_only_query_rows():
+    dense, model, pruner = _prune("falcon", "wanda-structured", sparsity=0.5, structure="heads")
+    summary = pruner.structured_summary
+    plan = plan_structured(dense, pruner.config)
+    hidden, head_dim = dense.config.hidden_size, plan.geometry.head_dim
+    assert all(m.cost == head_dim * hidden * 2 for m in plan.modules)  # q rows + dense columns, no bias
+    removed = summary["prunable_params_before"] - summary["prunable_params_after"]
+    assert removed == sum(m.cost * (m.groups - l["num_attention_heads"]) for m, l in zip(plan.modules, summary["layers"]))
+    # the uniform rule keeps one common count: within half a step of every block at once
+    common_step = sum(m.cost for m in plan.modules) / plan.prunable
+    assert abs(summary["achieved_prunable_fraction"] - 0.5) <= common_step / 2 + 1e-9
