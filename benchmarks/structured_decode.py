@@ -11,6 +11,11 @@ the dense SmolLM2-135M, prunes it on the same wiki-offline calibration windows, 
 - prefill latency: one forward of `--prefill-len` tokens at batch 1 with the cache on;
 - parameter bytes, and the peak RSS increase while generating at batch 8 (kernel high-water mark, see `_common`).
 
+`--speed-from FILE` measures only the speed of the per-layer models of an earlier `benchmarks/structured.py` result
+(same calibration and evaluation settings): a copy of the dense model shrunk to each run's recorded per-layer sizes
+(`structured_speed.shaped_like`, biases where the method adds them; speed depends on the shapes only), written to its
+own output file with the run's perplexity and the file it comes from.
+
 Every timing is repeated `--repeats` times: the median is reported with min/max (the spread is the noise of the shared
 machine). A method whose own rule is `uniform` (Wanda-structured) gives the same model in both forms: it runs once and
 is recorded with `shapes: "both"`. Results go to `benchmarks/results/structured_decode_<tag>.json` after every run;
@@ -66,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--speed-from", default=None, help="Speed only, for the per-layer sizes of this structured.py result.")
     return p
 
 
@@ -134,6 +140,46 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_from_sizes(args, dense_model, output: str) -> int:
+    """Decode/prefill speed of the per-layer sizes recorded in `args.speed_from` (no pruning, no perplexity run)."""
+    from structured_speed import shaped_like
+
+    with open(args.speed_from, encoding="utf-8") as f:
+        source = json.load(f)
+    results = {"benchmark": "structured_decode_speed_from_sizes",
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(),
+               "git": git_info(), "machine": machine_info("cpu"),
+               "settings": {"model": args.model, "threads": torch.get_num_threads(), "sizes_from": args.speed_from,
+                            "source_settings": source["settings"],
+                            "speed": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                                      "prefill_len": args.prefill_len, "repeats": args.repeats, "batches": [1, 8]}},
+               "runs": []}
+    if args.resume:
+        resume_from(output, results, logger)
+    done = {(r["method"], r["setting"]) for r in results["runs"]}
+    wanted = [f"{round(100 * parse_setting(r)[1])}%" for r in args.ratios]
+    runs = [r for setting in wanted for r in source["runs"] if r["setting"] == setting and r["method"] in args.methods
+            and r.get("allocation", "method") == "method" and r.get("layers")]
+    for run in runs:
+        if (run["method"], run["setting"]) in done:
+            continue
+        model = shaped_like(dense_model, run["layers"], run["method"])
+        speed = measure_speed(model, dense_model.config.vocab_size, args)
+        results["runs"].append({"method": run["method"], "setting": run["setting"], "shapes": "per-layer",
+                                "format": run.get("format"), "perplexity": run["perplexity"],
+                                "perplexity_from": args.speed_from, "model_params": model_params(model),
+                                "source_model_params": run["model_params"], "speed": speed, "loadavg_after": loadavg()})
+        write_json(output, results)
+        logger.info("%-17s %-5s per-layer sizes: decode b1 %.1f b8 %.1f tok/s (CPU) prefill %.0f ms", run["method"],
+                    run["setting"], speed["decode_batch1"]["tokens_per_cpu_second"]["median"],
+                    speed["decode_batch8"]["tokens_per_cpu_second"]["median"],
+                    1000 * speed["prefill"]["cpu_seconds"]["median"])
+        del model
+        gc.collect()
+    print(f"Wrote {output}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure(args.threads)
@@ -144,6 +190,8 @@ def main(argv=None) -> int:
     output = args.output or os.path.join(RESULTS_DIR, f"structured_decode_{default_tag()}.json")
     dense_model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
     dense_model.eval()
+    if args.speed_from:
+        return speed_from_sizes(args, dense_model, output)
     calib = calibration_ids(tokenizer, args.num_samples, args.seq_len, 0)
     stream = evaluation_stream(tokenizer)
     windows = min(stream.numel() // args.eval_seq_len, args.max_windows)
