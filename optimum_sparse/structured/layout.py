@@ -26,15 +26,9 @@ def structured_model_types() -> list[str]:
     return sorted(name for name, spec in ARCHITECTURES.items() if spec.structured is not None)
 
 
-class _LayoutView(dict):
-    """`STRUCTURED_LAYOUTS[model_type]`: read-only view of the table's layouts (config-dependent ones excluded)."""
-
-    def __init__(self):
-        super().__init__({name: spec.structured for name, spec in ARCHITECTURES.items()
-                          if isinstance(spec.structured, StructuredLayout)})
-
-
-STRUCTURED_LAYOUTS = _LayoutView()  # kept for compatibility: the table is the source
+# kept for compatibility: the table is the source (config-dependent layouts, e.g. Falcon's, are not listed)
+STRUCTURED_LAYOUTS = {name: spec.structured for name, spec in ARCHITECTURES.items()
+                      if isinstance(spec.structured, StructuredLayout)}
 
 
 def get_structured_layout(model: nn.Module) -> StructuredLayout:
