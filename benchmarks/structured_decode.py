@@ -50,7 +50,7 @@ from structured import model_params  # noqa: E402
 logger = logging.getLogger("benchmarks.structured_decode")
 
 METHODS = ["structprune", "flap", "wanda-structured"]
-SHAPES = ["per-layer", "uniform"]
+SHAPES = ["per-layer", "uniform", "uniform-search"]  # uniform-search: uniform_shapes + allocation="search"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="Model alias, folder or Hub id (float32).")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--ratios", nargs="+", default=["30%", "20%", "50%", "10%"], help="In the order they run.")
-    p.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES)
+    p.add_argument("--shapes", nargs="+", default=SHAPES[:2], choices=SHAPES)
+    p.add_argument("--search-samples", type=int, default=4, help="uniform-search: calibration windows scoring a split.")
     p.add_argument("--structure", default="channels+heads", choices=["channels", "heads", "channels+heads"])
     p.add_argument("--num-samples", type=int, default=16, help="Calibration windows.")
     p.add_argument("--seq-len", type=int, default=256, help="Tokens per calibration window.")
@@ -222,12 +223,16 @@ def main(argv=None) -> int:
         model, summary, prune_seconds = dense_model, None, 0.0
         if method != "dense":
             model = copy.deepcopy(dense_model)
+            search = {"allocation": "search", "allocation_kwargs": {"search_samples": args.search_samples}} \
+                if shapes == "uniform-search" else {}
             config = PruningConfig(method=method, sparsity=ratio, structure=args.structure, num_samples=args.num_samples,
-                                   seq_len=args.seq_len, uniform_shapes=shapes == "uniform")
+                                   seq_len=args.seq_len, uniform_shapes=shapes != "per-layer", **search)
             with timed() as t_prune:
                 pruner = SparsePruner(config)
                 pruner.apply(model, dataset=calib, progress=False)
             summary, prune_seconds = pruner.structured_summary, t_prune["wall"]
+            if shapes == "uniform-search":
+                candidates = pruner.allocation.info["candidates"]
             del pruner
         with timed() as t_eval:
             ppl = perplexity(model, stream, args.eval_seq_len, windows)
@@ -239,6 +244,8 @@ def main(argv=None) -> int:
                "model_params": model_params(model), "perplexity": ppl, "prune_seconds": round(prune_seconds, 1),
                "eval_seconds": round(t_eval["wall"], 1), "speed": speed, "loadavg_after": loadavg(),
                "layers": summary["layers"] if summary else None}
+        if shapes == "uniform-search":
+            run["split_candidates"] = candidates
         results["runs"].append(run)
         results["total_seconds"] = round(time.perf_counter() - started, 1)
         write_json(output, results)
