@@ -50,7 +50,8 @@ def shaped_like(dense, layers: list, method: str):
     from optimum_sparse.structured.shrink import shrink_channels, shrink_heads
 
     model = copy.deepcopy(dense)
-    layout, geometry = get_structured_layout(model), head_geometry(model.config)
+    layout = get_structured_layout(model)
+    geometry = head_geometry(model.config, layout)
     hidden = model.config.hidden_size
     bias = torch.zeros(hidden) if method in BIAS_METHODS else None
     for block, sizes in zip(model.model.layers, layers):

@@ -137,6 +137,11 @@ class PruningConfig:
             share the rest of the budget (N:M: multiples of `1/M`). Loaded into a dict on construction.
         multiple_of (`int`, defaults to `8`):
             Structured pruning only: kept MLP channels per layer are a multiple of this (64 or 128 suit GPUs).
+        uniform_shapes (`bool`, defaults to `False`):
+            Structured pruning only: every block keeps the same numbers of KV groups/heads and MLP channels, so the
+            stock config describes the model and it loads without `trust_remote_code` (transformers, vLLM, llama.cpp
+            converters). The allocation rule decides how many of each kind to remove, pooled over the blocks. See
+            docs/structured.md.
         expert_statistics (`str`, defaults to `"routed"`):
             Mixture-of-experts models: each expert's statistics from the tokens the router sends to it, weighted by
             the routing weight (`"routed"`), or from all tokens, unweighted (`"pooled"`). See docs/moe.md.
@@ -177,6 +182,8 @@ class PruningConfig:
     library_version: str = _help("optimum-sparse version that wrote this config.", __version__)
     multiple_of: int = _help("Structured pruning: kept MLP channels per layer are a multiple of this (64/128 for "
                              "GPUs).", 8)
+    uniform_shapes: bool = _help("Structured pruning: every block keeps the same head and channel counts (stock "
+                                 "config, loads without trust_remote_code).", False)
     expert_statistics: str = _help("MoE: per-expert statistics from 'routed' tokens (routing-weighted) or 'pooled'.",
                                    "routed")
     min_expert_tokens: Optional[int] = _help("MoE: experts with fewer routed tokens get expert_fallback "
@@ -210,6 +217,8 @@ class PruningConfig:
             raise ValueError(f"PruningConfig.seed must be an integer, got {self.seed!r}.")
         if not isinstance(self.true_sequential, bool):
             raise ValueError(f"PruningConfig.true_sequential must be True or False, got {self.true_sequential!r}.")
+        if not isinstance(self.uniform_shapes, bool):
+            raise ValueError(f"PruningConfig.uniform_shapes must be True or False, got {self.uniform_shapes!r}.")
         for name in ("targets", "ignore"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -243,6 +252,9 @@ class PruningConfig:
                 "structured methods allocate through method_kwargs['allocation'] ('uniform', 'threshold', "
                 "'softmax') or PruningConfig.allocation='search'."
             )
+        if self.uniform_shapes and (not self.is_structured or self.structure == "experts"):
+            raise ValueError(f"PruningConfig.uniform_shapes=True applies to structured pruning (structure 'channels', "
+                             f"'heads' or 'channels+heads'), got structure={self.structure!r}.")
         _run_check("allocation", self)
 
     def _validate_experts(self) -> None:

@@ -20,8 +20,8 @@ SEQ_LEN = 16
 NUM_SAMPLES = 8
 
 # Decoder that is NOT in optimum_sparse.engine.ARCHITECTURES: exercises the generic block search.
-# Falcon is a good probe: its linears are `FalconLinear` (an nn.Linear subclass) and its blocks use parallel attention.
-GENERIC_ARCH = "falcon"
+# BLOOM is a good probe: fused query_key_value, ALiBi, blocks under `transformer.h`.
+GENERIC_ARCH = "bloom"
 
 
 def _llama_like(cls_name: str, **extra) -> Callable[[int], Optional[transformers.PretrainedConfig]]:
@@ -81,6 +81,11 @@ def _falcon(num_layers):
     )
 
 
+def _bloom(num_layers):
+    return transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=num_layers, n_head=4,
+                                    bos_token_id=1, eos_token_id=2)
+
+
 MODEL_CONFIGS: dict[str, Callable[[int], Optional[transformers.PretrainedConfig]]] = {
     "llama": _llama_like("LlamaConfig"),
     "mistral": _llama_like("MistralConfig", sliding_window=8),
@@ -90,10 +95,15 @@ MODEL_CONFIGS: dict[str, Callable[[int], Optional[transformers.PretrainedConfig]
     "gemma2": _gemma("Gemma2Config"),
     "gemma3_text": _gemma("Gemma3TextConfig"),
     "phi3": _llama_like("Phi3Config"),
+    "olmo2": _llama_like("Olmo2Config"),
+    "olmo3": _llama_like("Olmo3Config", sliding_window=4, layer_types=None),
+    "granite": _llama_like("GraniteConfig", residual_multiplier=0.5, attention_multiplier=0.3),
+    "cohere": _llama_like("CohereConfig", use_qk_norm=True),
     "opt": _opt,
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,
-    GENERIC_ARCH: _falcon,
+    "falcon": _falcon,
+    GENERIC_ARCH: _bloom,
 }
 
 TABLE_ARCHS = [name for name in MODEL_CONFIGS if name != GENERIC_ARCH]

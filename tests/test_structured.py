@@ -241,7 +241,8 @@ def test_bad_configs(kwargs, message):
 
 
 def test_unsupported_architecture_fails_before_any_change():
-    model = make_model("gpt_neox")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        "bloom", vocab_size=128, hidden_size=32, n_head=4, n_layer=2))
     before = snapshot(model)
     with pytest.raises(ValueError, match="Structured pruning supports model types"):
         SparsePruner(_config("flap")).apply(model, dataset=make_ids(), progress=False)
@@ -392,7 +393,8 @@ def test_record_of_a_structured_run(tmp_path):
     assert record.config.structure == "channels+heads" and record.method == "flap"
     removed = {layer.name: layer.extra["removed_fraction"] for layer in record.layers}
     assert any(v > 0 for v in removed.values())
-    assert "structured" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "structured" in card and "`trust_remote_code=True` in transformers only" in card
 
 
 def test_structured_refuses_the_unstructured_allocators():

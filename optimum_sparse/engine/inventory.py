@@ -116,8 +116,8 @@ def _skip_reason(block: nn.Module, param_name: str, param: nn.Parameter, config:
     owner = block.get_submodule(owner_name) if owner_name else block
     if "bias" in leaf:
         return "bias"
-    if param.dim() < 2:
-        norm = any(h in type(owner).__name__.lower() or h in owner_name.lower() for h in _NORM_HINTS)
+    norm = any(h in type(owner).__name__.lower() or h in owner_name.lower() for h in _NORM_HINTS)
+    if param.dim() < 2 or (norm and not is_linear(owner)):  # Cohere's per-head q/k LayerNorm is [heads, head_dim]
         return "norm" if norm else "vector"
     if owner_name and is_router(block, owner_name):
         return "router"

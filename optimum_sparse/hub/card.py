@@ -55,6 +55,19 @@ def _valid_hub_id(value: Optional[str]) -> Optional[str]:
     return value if value and _HUB_ID.match(value) and not os.path.exists(value) else None
 
 
+def _shape_form_text(config) -> str:
+    """Which engines load a structured checkpoint (docs/structured.md, "Shape forms")."""
+    if getattr(config, "uniform_shapes", False):
+        return ("Every block keeps the same head and channel counts (`uniform_shapes=True`): the stock `config.json` "
+                "describes the model, so it loads without `trust_remote_code` in transformers and in engines that read "
+                "the stock config (vLLM, llama.cpp converters).")
+    return ("Blocks may keep different head/channel counts (per-layer shapes, the default): then `config.json` has "
+            "`pruned_modules` and an `auto_map` to the shipped `modeling_pruned.py`, and the model loads with "
+            "`trust_remote_code=True` in transformers only (engines that do not run remote code, such as vLLM and "
+            "llama.cpp converters, need `uniform_shapes=True`); when every block ended with the same sizes, the stock "
+            "config was written instead.")
+
+
 def _structure_text(structure: str) -> str:
     if structure == "unstructured":
         return "unstructured (any weight may be pruned)"
@@ -234,6 +247,7 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
         summary = (f"This model is {what} structurally pruned after training with **{c.method}** ({c.structure}): "
                    f"{_pct(c.sparsity)} of the prunable block parameters removed, a smaller dense model; per-linear "
                    "'sparsity' below is the fraction of the linear's parameters removed.")
+        summary += " " + _shape_form_text(c)
     experts = (record.diagnostics or {}).get("expert_removal")
     if experts:
         summary = (f"This model is {what} with whole experts removed after training by optimum-sparse (**{c.method}**, "

@@ -24,6 +24,9 @@ class FLAPPruning(StructuredMethod):
     stats = "norms"
     default_allocation = "threshold"
 
+    def adds_output_bias(self) -> bool:
+        return True
+
     @staticmethod
     def channel_scores(weight: torch.Tensor, stats) -> torch.Tensor:
         return stats.variance * weight.to(torch.float64).pow(2).sum(0)

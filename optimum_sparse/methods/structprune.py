@@ -18,7 +18,7 @@ result is never worse than that baseline on the module's calibration error.
 Layer-wise allocation (`allocation`, default `"softmax"`): comparable score of a group = its OBS removal cost
 `tr(W_g [H⁻¹]_gg⁻¹ W_gᵀ)` divided by the block's residual-stream energy and by the parameters the group removes.
 `"threshold"` removes the globally cheapest groups (one shared threshold); `"softmax"` spreads the budget by the
-softmax of the modules' standardised log-energies (see `optimum_sparse.structured.allocation`).
+softmax of the modules' standardised log-energies (see `optimum_sparse.allocation.structured`).
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ class StructPrunePruning(StructuredMethod):
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
         scores = obs_group_scores(weight.to(torch.float64), hinv, width)
         return scores / max(reference_energy, 1e-30) / cost
+
+    def adds_output_bias(self) -> bool:
+        return bool(self.config.method_kwargs.get("bias_correction", True))
 
     def select(self, kind, weight, bias, stats, width, keep):
         kw = self.config.method_kwargs

@@ -75,7 +75,7 @@ class StructuredMethod(PruningMethod):
     Subclasses set `name`, `stats` (`"norms"`: sums and squares only; `"hessian"`: also `Σ x xᵀ`) and
     `default_allocation`, and implement `select` (and `allocation_scores` for a non-uniform allocation).
     `method_kwargs`: `options_class` (`StructuredOptions`: `allocation` overrides the allocation rule, see
-    `optimum_sparse.structured.allocation`).
+    `optimum_sparse.allocation.structured`).
     """
 
     structured: ClassVar[bool] = True
@@ -95,6 +95,10 @@ class StructuredMethod(PruningMethod):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.allowed_kwargs = tuple(f.key for f in cls.options_class.fields())  # the `method_kwargs` keys
+
+    def adds_output_bias(self) -> bool:
+        """Whether `select` may return a bias delta (a bias is then created on an output projection without one)."""
+        return False
 
     @property
     def allocation(self) -> str:

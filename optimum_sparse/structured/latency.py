@@ -122,13 +122,16 @@ def time_module(plan, module_index: int, kept: int, batch: int, seq_len: int, re
     else:
         geometry = plan.geometry
         q_heads, kv_heads, head_dim = kept * geometry.q_per_kv, kept, geometry.head_dim
+        if geometry.shared_kv:  # multi-query: the one key/value head stays
+            kv_heads = 1
+            weights = [rand((q_heads + 2) * head_dim, hidden)]
 
         def run():
             h = torch.cat([F.linear(x, w) for w in weights], dim=-1)
             q, k, v = h.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
             q = q.view(batch, seq_len, q_heads, head_dim).transpose(1, 2)
-            k = k.reshape(batch, seq_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(geometry.q_per_kv, 1)
-            v = v.reshape(batch, seq_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(geometry.q_per_kv, 1)
+            k = k.reshape(batch, seq_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(q_heads // kv_heads, 1)
+            v = v.reshape(batch, seq_len, kv_heads, head_dim).transpose(1, 2).repeat_interleave(q_heads // kv_heads, 1)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return F.linear(a.transpose(1, 2).reshape(batch, seq_len, q_heads * head_dim), w_out)
 

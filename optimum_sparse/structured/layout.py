@@ -1,7 +1,8 @@
 """Where the structures of a decoder block live: attention heads (KV groups) and MLP channels.
 
-A *KV group* is one key head, one value head and the `r = num_attention_heads / num_key_value_heads` query heads
-that read them (`r = 1` without GQA). Removing a group deletes its rows in q/k/v (or the fused c_attn) and its
+The layouts are the `structured` field of the architecture table (`optimum_sparse.engine.architectures`). A *KV
+group* is one key head, one value head and the `r = num_attention_heads / num_key_value_heads` query heads that
+read them (`r = 1` without GQA). Removing a group deletes its rows in q/k/v (or the fused projection) and its
 `r·head_dim` input columns of the attention output projection, so the query-per-KV ratio stays fixed. An MLP
 channel is one row of every MLP input projection (gate/up, fc1, c_fc) and one input column of the output
 projection (down_proj, fc2, c_proj). The hidden size is never touched.
@@ -10,87 +11,51 @@ projection (down_proj, fc2, c_proj). The hidden size is never touched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.nn as nn
 
-from ..engine.architectures import get_architecture
+from ..engine.architectures import ARCHITECTURES, StructuredLayout, UnsupportedModelError, get_architecture
 from ..engine.linears import in_features
 
-__all__ = ["StructuredLayout", "STRUCTURED_LAYOUTS", "get_structured_layout", "HeadGeometry", "head_geometry"]
+__all__ = ["StructuredLayout", "STRUCTURED_LAYOUTS", "get_structured_layout", "HeadGeometry", "head_geometry",
+           "structured_model_types"]
 
 
-@dataclass(frozen=True)
-class StructuredLayout:
-    """Names (relative to a decoder block) of the linears that carry heads and channels.
-
-    Attributes:
-        attention: the attention module (its head-count attributes are updated after head pruning).
-        q, k, v: separate query/key/value projections, or `None` when `qkv` is fused.
-        qkv: a fused `[q; k; v]` projection (GPT-2's `c_attn`).
-        o: the attention output projection (input = concatenated heads).
-        head_attributes: attention attributes that hold the number of query heads (`num_heads`) and, for fused
-            projections, the width of one of q/k/v (`split_size`); `None` when the module reads neither.
-        mlp_inputs: the MLP input projections (one row per channel).
-        mlp_output: the MLP output projection (one input column per channel).
-    """
-
-    attention: str
-    o: str
-    mlp_inputs: tuple
-    mlp_output: str
-    q: Optional[str] = None
-    k: Optional[str] = None
-    v: Optional[str] = None
-    qkv: Optional[str] = None
-    head_attributes: tuple = ()
-
-    @property
-    def attention_inputs(self) -> tuple:
-        return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
+def structured_model_types() -> list[str]:
+    """Model types whose table entry has a structured layout."""
+    return sorted(name for name, spec in ARCHITECTURES.items() if spec.structured is not None)
 
 
-_LLAMA = StructuredLayout(
-    attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj",
-)
-
-STRUCTURED_LAYOUTS: dict[str, StructuredLayout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,  # q_norm/k_norm act on head_dim, shared by every head: untouched
-    "opt": StructuredLayout(
-        attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-        o="self_attn.out_proj", mlp_inputs=("fc1",), mlp_output="fc2", head_attributes=("num_heads",),
-    ),
-    "gpt2": StructuredLayout(
-        attention="attn", qkv="attn.c_attn", o="attn.c_proj", mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj",
-        head_attributes=("num_heads", "split_size"),
-    ),
-}
+# kept for compatibility: the table is the source (config-dependent layouts, e.g. Falcon's, are not listed)
+STRUCTURED_LAYOUTS = {name: spec.structured for name, spec in ARCHITECTURES.items()
+                      if isinstance(spec.structured, StructuredLayout)}
 
 
 def get_structured_layout(model: nn.Module) -> StructuredLayout:
-    """The structured layout of `model`, or a `ValueError` naming the supported model types."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    layout = STRUCTURED_LAYOUTS.get(model_type)
-    if layout is None:
-        raise ValueError(
-            f"Structured pruning supports model types {sorted(STRUCTURED_LAYOUTS)}, got {model_type!r}; "
-            "use an unstructured or N:M structure, or add an entry to "
-            "optimum_sparse.structured.layout.STRUCTURED_LAYOUTS."
+    """The structured layout of `model` (from the architecture table), or an error naming what is missing."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None or spec.structured is None:
+        raise UnsupportedModelError(
+            f"Structured pruning supports model types {structured_model_types()}, got {model_type!r}: no structured "
+            "layout (attention q/k/v/o and MLP input/output names) for it in the architecture table. Use an "
+            "unstructured or N:M structure, or add a `structured` layout to its entry in "
+            "optimum_sparse.engine.architectures.ARCHITECTURES."
         )
+    layout = spec.structured if isinstance(spec.structured, StructuredLayout) else spec.structured(config)
     get_architecture(model)  # the engine must find the blocks too
     return layout
 
 
 @dataclass(frozen=True)
 class HeadGeometry:
-    """Head sizes of a model: `head_dim` and query heads per KV head (`q_per_kv`)."""
+    """Head sizes of a model: `head_dim`, query heads per KV group (`q_per_kv`) and whether the KV head is shared by
+    every group (`shared_kv`: multi-query attention, one query head per group)."""
 
     head_dim: int
     q_per_kv: int
+    shared_kv: bool = False
 
     @property
     def group_width(self) -> int:
@@ -102,10 +67,15 @@ class HeadGeometry:
         return in_features(block.get_submodule(layout.o)) // self.group_width
 
 
-def head_geometry(config) -> HeadGeometry:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def head_geometry(config, layout: StructuredLayout | None = None) -> HeadGeometry:
+    """The head geometry of `config` (under `layout`'s field names; Llama's by default)."""
+    heads = getattr(config, layout.heads_field if layout else "num_attention_heads")
+    kv_field = layout.kv_heads_field if layout else "num_key_value_heads"
+    kv_heads = (getattr(config, kv_field, None) if kv_field else None) or heads
+    head_dim = getattr(config, "head_dim", None) if (layout is None or layout.stock_heads) else None
+    head_dim = head_dim or config.hidden_size // heads
+    if layout is not None and layout.shared_kv:
+        return HeadGeometry(head_dim=int(head_dim), q_per_kv=1, shared_kv=True)
     if heads % kv_heads:
         raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}.")
     return HeadGeometry(head_dim=int(head_dim), q_per_kv=heads // kv_heads)

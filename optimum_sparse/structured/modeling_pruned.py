@@ -5,7 +5,9 @@ trust_remote_code=True)` works without optimum-sparse installed. A pruned checkp
 different sizes keeps its stock `config.json` (`model_type`, every stock field) plus two keys:
 
 - `pruned_modules`: `{module name: [out_features, in_features, has_bias]}` for every linear that was resized;
-- `pruned_attributes`: `{module name: {attribute: value}}` (e.g. an attention's `num_heads` after head pruning);
+- `pruned_attributes`: `{module name: {attribute: value}}` (e.g. an attention's `num_heads` after head pruning;
+  `config.<field>` gives the module a per-layer view of the config with `<field>` overridden);
+- `pruned_norms`: `{norm module name: weight shape}` for query/key norms sliced with the heads (OLMo-2, Cohere);
 
 and an `auto_map` pointing at one of the `Pruned*` classes below: the stock class, built as usual, then the listed
 linears are replaced by ones of the recorded shapes before the weights are loaded.
@@ -15,17 +17,47 @@ import torch.nn as nn
 import transformers
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["apply_pruned_shapes", "PRUNED_CLASSES"]
+__all__ = ["apply_pruned_shapes", "set_module_attribute", "LayerConfig", "PRUNED_CLASSES"]
 
 # stock class name -> pruned class name
 PRUNED_CLASSES = {
-    "LlamaForCausalLM": "PrunedLlamaForCausalLM",
-    "MistralForCausalLM": "PrunedMistralForCausalLM",
-    "Qwen2ForCausalLM": "PrunedQwen2ForCausalLM",
-    "Qwen3ForCausalLM": "PrunedQwen3ForCausalLM",
-    "OPTForCausalLM": "PrunedOPTForCausalLM",
-    "GPT2LMHeadModel": "PrunedGPT2LMHeadModel",
+    name: f"Pruned{name}" for name in (
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "OPTForCausalLM", "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM",
+        "FalconForCausalLM")
 }
+
+
+class LayerConfig:
+    """A per-layer view of a shared config: `overrides` first, every other attribute read live from `base`."""
+
+    def __init__(self, base, overrides: dict):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_base", "_overrides"):
+            raise AttributeError(name)
+        overrides = object.__getattribute__(self, "_overrides")
+        if name in overrides:
+            return overrides[name]
+        return getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+def set_module_attribute(module: nn.Module, name: str, value) -> None:
+    """Sets `module.<name>`; `config.<field>` overrides `<field>` in a per-layer view of `module.config`."""
+    if name.startswith("config."):
+        config = module.config
+        base = config._base if isinstance(config, LayerConfig) else config
+        overrides = dict(config._overrides) if isinstance(config, LayerConfig) else {}
+        overrides[name[len("config."):]] = value
+        module.config = LayerConfig(base, overrides)
+    else:
+        setattr(module, name, value)
 
 
 def apply_pruned_shapes(model: nn.Module, config) -> None:
@@ -43,7 +75,13 @@ def apply_pruned_shapes(model: nn.Module, config) -> None:
     for name, attributes in (getattr(config, "pruned_attributes", None) or {}).items():
         module = model.get_submodule(name)
         for key, value in attributes.items():
-            setattr(module, key, value)
+            set_module_attribute(module, key, value)
+    for name, shape in (getattr(config, "pruned_norms", None) or {}).items():
+        norm = model.get_submodule(name)
+        for attribute in ("weight", "bias"):
+            tensor = getattr(norm, attribute, None)
+            if isinstance(tensor, nn.Parameter):
+                setattr(norm, attribute, nn.Parameter(tensor.new_empty(shape)))
 
 
 def _pruned_class(name: str, base: type) -> type:

@@ -27,7 +27,8 @@ from ..engine.capture import BlockInputs, capture_block_inputs
 from ..engine.devices import is_offloaded, onload_block, solve_device
 from ..engine.linears import in_features, read_weight
 from ..engine.sequential import PruningReport
-from .allocation import ModuleBudget, allocate, allocation_record, check_feasible
+from ..allocation.structured import (ModuleBudget, allocate, allocation_record, check_feasible, pooled_common_sizes,
+                         same_shapes_per_kind)
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
 from .shrink import count_parameters, finalize_config, out_features, shrink_channels, shrink_heads
@@ -53,12 +54,13 @@ class StructuredPlan:
 
     def __init__(self, model: nn.Module, config: "PruningConfig"):
         self.layout: StructuredLayout = get_structured_layout(model)
+        self.model_type = model.config.model_type
         self.spec = get_architecture(model)
         self.blocks = find_blocks(model, self.spec)
         if any(is_offloaded(block) for block in self.blocks):
             raise ValueError("Structured pruning replaces linears and needs every block in memory (no disk/CPU "
                              "offload through accelerate); load the model without offloading.")
-        self.geometry: HeadGeometry = head_geometry(model.config)
+        self.geometry: HeadGeometry = head_geometry(model.config, self.layout)
         self.kinds = [k for k in ("heads", "channels") if k in config.structure.split("+")]
         self.modules: list[ModuleBudget] = []
         self.linears: dict[str, nn.Module] = {}
@@ -68,11 +70,42 @@ class StructuredPlan:
         self.prunable = sum(m.params for m in self.modules)
         self.budget = config.sparsity * self.prunable
         check_feasible(self.modules, self.budget, config.sparsity, config.structure)
+        if config.uniform_shapes:
+            self._check_uniform_shapes(model, config)
         self.original_shapes = {
             name: (out_features(m), in_features(m), getattr(m, "bias", None) is not None)
             for name, m in self.linears.items()
         }
         self.model_params = count_parameters(model)
+
+    def _check_uniform_shapes(self, model: nn.Module, config: "PruningConfig") -> None:
+        model_type = model.config.model_type
+        if "heads" in self.kinds and not self.layout.stock_heads:
+            raise ValueError(
+                f"PruningConfig.uniform_shapes=True with structure={config.structure!r}: the stock {model_type!r} "
+                "config derives head_dim from hidden_size / num_attention_heads, so it cannot describe fewer heads. "
+                "Use structure='channels', or per-layer shapes (uniform_shapes=False, loads with trust_remote_code).")
+        if self.layout.mlp_field is None:
+            raise ValueError(f"PruningConfig.uniform_shapes=True: no stock config field for the MLP width of "
+                             f"{model_type!r}.")
+        if not same_shapes_per_kind(self.modules):
+            raise ValueError("PruningConfig.uniform_shapes=True: the blocks of this model already have different "
+                             "head/channel counts (a model pruned with per-layer shapes); prune the original model.")
+
+    def check_method(self, method: "StructuredMethod", config: "PruningConfig") -> None:
+        """Checks that need the method (before any change): under `uniform_shapes`, a bias the method adds to an
+        output projection must be expressible in the stock config."""
+        if not (config.uniform_shapes and method.adds_output_bias()):
+            return
+        block = self.blocks[0]
+        for kind in self.kinds:
+            output = self.names(kind)[1]
+            if getattr(block.get_submodule(output), "bias", None) is None and self.layout.bias_field(output) is None:
+                raise ValueError(
+                    f"PruningConfig.uniform_shapes=True: {config.method!r} adds a bias to {output} (its compensation), "
+                    f"and the stock {self.model_type!r} config has no field that gives it one. Use "
+                    "uniform_shapes=False (per-layer form), another structure kind, or a method without bias "
+                    "compensation (wanda-structured; structprune with method_kwargs={'bias_correction': False}).")
 
     def module_names(self) -> list[str]:
         """A name per module, in `modules` order: `"<blocks>.<i>.heads"` / `"<blocks>.<i>.channels"`."""
@@ -99,7 +132,10 @@ class StructuredPlan:
         for name in inputs:
             module = block.get_submodule(name)
             bias = getattr(module, "bias", None) is not None
-            cost += (out_features(module) // groups) * (in_features(module) + int(bias))
+            rows = out_features(module) // groups
+            if kind == "heads" and self.geometry.shared_kv:  # only query rows go; the one key/value head stays
+                rows = self.geometry.head_dim if name != self.layout.k and name != self.layout.v else 0
+            cost += rows * (in_features(module) + int(bias))
             params += _params(module)
             self.linears[f"{self.spec.blocks}.{index}.{name}"] = module
         self.linears[f"{self.spec.blocks}.{index}.{output}"] = out_module
@@ -163,6 +199,7 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
         stored as `model.config.structured_pruning` (targets, achieved fractions, per-layer sizes, format).
     """
     plan = plan or StructuredPlan(model, config)
+    plan.check_method(method, config)
     report = PruningReport(method=config.method)
     started = time.perf_counter()
     was_training = model.training
@@ -170,7 +207,13 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
     try:
         if config.sparsity > 0:
             allocation = None
-            if config.allocation == "search":  # the dense model is restored when the search returns
+            if config.allocation == "search" and config.uniform_shapes:  # the heads/channels split
+                from .uniform_search import uniform_shapes_search
+
+                allocation = uniform_shapes_search(model, plan, method, config, input_ids, progress)
+                kept = allocation.info["structured"]["kept_groups"]
+                keeps = [kept[name] for name in plan.module_names()]
+            elif config.allocation == "search":  # the dense model is restored when the search returns
                 from .search import structured_search
 
                 allocation = structured_search(model, plan, method, config, input_ids, progress)
@@ -188,7 +231,12 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
                 keeps = allocate(method.allocation, plan.modules, config.sparsity, scores,
                                  config.method_kwargs.get("temperature", 1.0),
                                  config.method_kwargs.get("max_deviation", 0.2))
-                if method.allocation != "uniform":
+                if config.uniform_shapes and method.allocation != "uniform":
+                    per_module = keeps
+                    keeps = pooled_common_sizes(plan.modules, keeps, config.sparsity)
+                    allocation = allocation_record(method.allocation, plan, config.sparsity, keeps, info={
+                        "uniform_shapes": True, "rule_kept_groups": dict(zip(plan.module_names(), per_module))})
+                elif method.allocation != "uniform":
                     allocation = allocation_record(method.allocation, plan, config.sparsity, keeps)
             if allocation is not None:
                 report.allocation = allocation.to_dict()
@@ -196,7 +244,8 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
             _prune_blocks(plan, method, config, inputs, keep_of, report, progress)
     finally:
         model.train(was_training)
-    fmt = finalize_config(model, plan.layout, plan.geometry, plan.blocks, plan.spec.blocks, plan.original_shapes)
+    fmt = finalize_config(model, plan.layout, plan.geometry, plan.blocks, plan.spec.blocks, plan.original_shapes,
+                          uniform_shapes=config.uniform_shapes)
     summary = _summary(model, plan, config, fmt, "search" if config.allocation == "search" else method.allocation)
     report.layers = _layer_reports(model, plan)
     report.seconds = time.perf_counter() - started
@@ -284,6 +333,7 @@ def _summary(model: nn.Module, plan: StructuredPlan, config, fmt: str, rule: str
         "model_params_after": model_after,
         "achieved_model_fraction": 1.0 - model_after / plan.model_params,
         "format": fmt,
+        "uniform_shapes": config.uniform_shapes,
         "allocation": rule,
         "layers": layers,
     }

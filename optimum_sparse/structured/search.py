@@ -7,7 +7,7 @@
 - **Moves** (`evolution.mutate`): one level down on one gene and one level up on another of the same *class*: same
   kind and same parameters per level step (`step · cost`), so every child removes exactly as many parameters as its
   parent. Invariant: the removed parameters `Σ (groups − kept) · cost` of every candidate, and of the result, equal
-  those of the start allocation, which is the output of `structured.allocation.allocate` (uniform, or the method's
+  those of the start allocation, which is the output of `allocation.structured.allocate` (uniform, or the method's
   threshold/softmax rule), itself rounded by `round_to_budget` (or the uniform rule's common sizes) to within one
   module step of `sparsity × prunable parameters`.
 - **Variants** (the supernet): every module pruned by the run's structured method (`method.select`: its own scores,
@@ -44,7 +44,7 @@ from ..engine.block import BlockJob
 from ..engine.capture import capture_block_inputs
 from ..engine.devices import onload_block, solve_device
 from ..engine.linears import read_weight, write_weight
-from .allocation import allocate, allocation_record
+from ..allocation.structured import allocate, allocation_record
 from .base import GroupDecision
 from .latency import BUDGETS, LatencyTable, load_latency_table
 from .scoring import expand_groups
@@ -83,6 +83,10 @@ def validate_structured_search(config) -> dict:
     if unknown:
         raise ValueError(f"PruningConfig.allocation_kwargs: unknown keys {unknown} for allocation='search' with "
                          f"structure={config.structure!r}; allowed: {sorted(STRUCTURED_SEARCH_DEFAULTS)}.")
+    if getattr(config, "uniform_shapes", False):  # the heads/channels split search (structured.uniform_search)
+        from .uniform_search import check_uniform_search_kwargs
+
+        check_uniform_search_kwargs(config)
     kw = {**STRUCTURED_SEARCH_DEFAULTS, **config.allocation_kwargs}
     check_search_kwargs(kw, STRUCTURED_INITS, config.sparsity, max_below_one=False)
     if kw["budget"] not in BUDGETS:
