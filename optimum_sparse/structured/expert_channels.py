@@ -7,7 +7,9 @@ intermediate channels is removed from every routed expert of every MoE block, so
    layout table, `optimum_sparse.engine.experts`); one expert width `f` everywhere; `k = f − round(sparsity·f)` kept
    channels, rounded to `multiple_of`; the config field holding `f` (by model type, else the field equal to `f`),
    verified by building the model from the updated config on the meta device: exactly the expert tensors must change
-   shape, nothing else (a shared expert sized by the same field is refused, naming it).
+   shape. A shared expert sized by the same field (DeepSeek-V2/V3: `n_shared_experts · moe_intermediate_size`;
+   Llama-4: `intermediate_size`) is a plain gated MLP and is pruned with it to the same fraction (`ratio · k` channels,
+   scored on every token, unweighted, since it sees every token); any other tensor the field sizes is refused, naming it.
 2. Scores: one pass of the calibration windows; a hook on each experts module reads the routing the model computed
    (`routed_tokens`) and each expert's intermediate activation on its tokens with the model's own code
    (`expert_intermediate`); per expert and channel the `w²`-weighted sums `Σw²`, `Σw²a`, `Σw²a²` and the token count.
@@ -16,8 +18,8 @@ intermediate channels is removed from every routed expert of every MoE block, so
 3. Slicing: each expert keeps its own `k` channels: the matching gate and up rows of `gate_up_proj` (`[gate; up]`
    halves, or gpt-oss's interleaved pairs, and their biases), the columns of `down_proj` (its bias is per output and
    stays); the experts module's width attributes (`intermediate_dim`, `intermediate_size`, `expert_dim`) and the
-   config field are updated. Shared experts and dense blocks are left alone (plain MLPs: `structure="channels"`
-   prunes them).
+   config field are updated. Shared experts sized by their own field (Qwen2-MoE, Qwen3-Next) and dense blocks are left
+   alone (plain MLPs: `structure="channels"` prunes them).
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ class ChannelPlan:
     min_tokens: int
     skipped_blocks: list = field(default_factory=list)  # dense blocks, by index
     skipped_modules: list = field(default_factory=list)  # shared experts left alone, by name
+    coupled: list = field(default_factory=list)  # `SharedMLP`s sized by the same config field: pruned with the experts
+
+
+@dataclass
+class SharedMLP:
+    """A shared expert (gated MLP of `nn.Linear`s) whose width is `ratio ×` the routed experts' config field."""
+
+    name: str
+    module: nn.Module
+    ratio: int
+
+    @property
+    def width(self) -> int:
+        return self.module.down_proj.in_features
 
 
 @dataclass
@@ -130,9 +146,35 @@ def _new_shapes(layer: MoELayer, keep: int) -> dict[str, tuple]:
     return out
 
 
+def _shared_mlps(layer: MoELayer, width: int) -> list[SharedMLP]:
+    """The shared experts beside `layer`'s experts that are gated MLPs of `nn.Linear`s with a multiple of `width`."""
+    prefix = layer.name.rpartition(".")[0]
+    found = []
+    for name, module in layer.moe.named_children():
+        if not name.startswith("shared_expert") or name == "shared_expert_gate":
+            continue
+        if all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
+                and module.down_proj.in_features % width == 0:
+            found.append(SharedMLP(f"{prefix}.{name}", module, module.down_proj.in_features // width))
+    return found
+
+
+def _shared_shapes(shared: SharedMLP, keep: int) -> dict[str, tuple]:
+    new = shared.ratio * keep
+    out = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        linear = getattr(shared.module, proj)
+        out[f"{shared.name}.{proj}.weight"] = (linear.out_features, new) if proj == "down_proj" else \
+            (new, linear.in_features)
+        if linear.bias is not None:
+            out[f"{shared.name}.{proj}.bias"] = tuple(linear.bias.shape) if proj == "down_proj" else (new,)
+    return out
+
+
 def _check_config_field(model: nn.Module, layers: list, width: int, keep: int) -> tuple[str, list]:
     """The config field holding the expert width, verified on a meta-device model built from the updated config:
-    exactly the expert tensors change shape. Returns `(field, [])`; raises `ValueError` naming what differs."""
+    exactly the expert tensors change shape, and the shared experts that the same field sizes (returned, to be
+    pruned with them). Returns `(field, coupled shared experts)`; raises `ValueError` naming what differs."""
     from transformers import AutoModelForCausalLM
 
     mconfig = model.config
@@ -159,6 +201,14 @@ def _check_config_field(model: nn.Module, layers: list, width: int, keep: int) -
         wrong = sorted(n for n in set(shapes) | set(expected) if shapes.get(n) != expected.get(n))
         if not wrong:
             return name, []
+        coupled = [s for layer in layers for s in _shared_mlps(layer, width)
+                   if any(n.startswith(f"{s.name}.") for n in wrong)]
+        with_shared = dict(expected)
+        for shared in coupled:
+            with_shared.update(_shared_shapes(shared, keep))
+        wrong = sorted(n for n in set(shapes) | set(with_shared) if shapes.get(n) != with_shared.get(n))
+        if coupled and not wrong:
+            return name, coupled
         problems[name] = f"it also sizes {wrong[:4]}{' ...' if len(wrong) > 4 else ''}"
     raise ValueError(f"model_type={mconfig.model_type!r}: no config field describes the routed experts alone: "
                      + "; ".join(f"{k}: {v}" for k, v in problems.items())
@@ -195,12 +245,14 @@ def plan_expert_channels(model: nn.Module, config: "PruningConfig") -> ChannelPl
             if tensor.device.type == "meta":
                 raise ValueError(f"{name} is on the meta device (offloaded); expert-channel pruning slices the fused "
                                  "tensors in memory: load the model without offloading.")
-    width_field, _ = _check_config_field(model, layers, width, keep)
+    width_field, coupled = _check_config_field(model, layers, width, keep)
+    coupled_names = {s.name for s in coupled}
     shared = [f"{spec.blocks}.{layer.index}.{n}" for layer in layers for n, _ in layer.moe.named_children()
-              if n.startswith("shared_expert") and n != "shared_expert_gate"]
+              if n.startswith("shared_expert") and n != "shared_expert_gate"
+              and f"{spec.blocks}.{layer.index}.{n}" not in coupled_names]
     min_tokens = config.min_expert_tokens if config.min_expert_tokens is not None else DEFAULT_MIN_TOKENS
     return ChannelPlan(layers=layers, width=width, keep=keep, width_field=width_field, min_tokens=min_tokens,
-                       skipped_blocks=dense, skipped_modules=shared)
+                       skipped_blocks=dense, skipped_modules=shared, coupled=coupled)
 
 
 @torch.no_grad()
@@ -222,9 +274,21 @@ def _accumulate(layer: MoELayer, sums: ChannelSums, args: tuple, kwargs: dict) -
 
 
 def collect_channel_sums(model: nn.Module, plan: ChannelPlan, input_ids: torch.Tensor, batch_size: int = 8,
-                         progress: bool = True) -> list[ChannelSums]:
-    """The routed sums of every MoE block (`plan.layers` order) from one pass of `input_ids` through `model`."""
+                         progress: bool = True) -> tuple[list[ChannelSums], list[ChannelSums]]:
+    """The routed sums of every MoE block (`plan.layers` order) and the unweighted sums of every coupled shared expert
+    (`plan.coupled` order, one "expert" each) from one pass of `input_ids` through `model`."""
     sums = [ChannelSums.zeros(layer.num_experts, plan.width) for layer in plan.layers]
+    shared_sums = [ChannelSums.zeros(1, shared.width) for shared in plan.coupled]
+
+    def shared_hook(i):
+        def fn(module, args):
+            a = args[0].reshape(-1, args[0].shape[-1]).to("cpu", torch.float64)  # the shared expert's activation
+            total = shared_sums[i]
+            total.tokens[0] += a.shape[0]
+            total.s0[0] += a.shape[0]
+            total.s1[0] += a.sum(dim=0)
+            total.s2[0] += a.pow(2).sum(dim=0)
+        return fn
 
     def hook(i):
         def fn(module, args, kwargs, output):
@@ -232,8 +296,29 @@ def collect_channel_sums(model: nn.Module, plan: ChannelPlan, input_ids: torch.T
         return fn
 
     handles = [layer.experts.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(plan.layers)]
+    handles += [s.module.down_proj.register_forward_pre_hook(shared_hook(i)) for i, s in enumerate(plan.coupled)]
     forward_batches(model, input_ids, batch_size, handles, "Scoring expert channels", progress)
-    return sums
+    return sums, shared_sums
+
+
+@torch.no_grad()
+def slice_shared_mlp(shared: SharedMLP, keep: torch.Tensor) -> list[str]:
+    """Keeps channels `keep` (sorted) of a shared expert: rows of `gate_proj`/`up_proj`, columns of `down_proj`."""
+    sliced, old = [], shared.width
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        linear = getattr(shared.module, proj)
+        index = keep.to(linear.weight.device)
+        dim = 1 if proj == "down_proj" else 0
+        linear.weight = nn.Parameter(linear.weight.detach().index_select(dim, index).contiguous(),
+                                     requires_grad=linear.weight.requires_grad)
+        if linear.bias is not None and proj != "down_proj":
+            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).contiguous(),
+                                       requires_grad=linear.bias.requires_grad)
+        setattr(linear, "in_features" if dim else "out_features", keep.numel())
+        sliced.append(f"{shared.name}.{proj}")
+    if getattr(shared.module, "intermediate_size", None) == old:
+        shared.module.intermediate_size = keep.numel()
+    return sliced
 
 
 @torch.no_grad()
@@ -267,6 +352,20 @@ def slice_expert_channels(layer: MoELayer, keep: torch.Tensor) -> list[str]:
     return sliced
 
 
+def _choose_shared(method, shared: SharedMLP, sums: ChannelSums, keep: int, min_tokens: int) -> tuple[torch.Tensor,
+                                                                                                       bool]:
+    """`(kept channels of a shared expert, scored by magnitude)`: `ratio · keep` of them, scored on every token."""
+    down = shared.module.down_proj.weight.detach().to("cpu", torch.float64)
+    if int(sums.tokens[0]) < min_tokens:
+        up = torch.stack([shared.module.gate_proj.weight.detach(), shared.module.up_proj.weight.detach()], dim=1)
+        scores = method.magnitude_scores(down, up.to("cpu"))
+    else:
+        scores = method.channel_scores(down, float(sums.s0[0]), sums.s1[0], sums.s2[0])
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError(f"{shared.name}: non-finite channel scores.")
+    return method.select(scores, shared.ratio * keep), int(sums.tokens[0]) < min_tokens
+
+
 def _choose(method, layer: MoELayer, sums: ChannelSums, keep: int, min_tokens: int) -> tuple[torch.Tensor, list]:
     """`([E, keep] kept channels, experts scored by magnitude)`."""
     width = _width(layer)
@@ -286,6 +385,12 @@ def _choose(method, layer: MoELayer, sums: ChannelSums, keep: int, min_tokens: i
     return torch.stack(kept), fallback
 
 
+def _prunable(plan: ChannelPlan) -> int:
+    experts = sum(t.numel() for layer in plan.layers for t in _expert_tensors(layer).values())
+    return experts + sum(getattr(s.module, p).weight.numel() for s in plan.coupled
+                         for p in ("gate_proj", "up_proj", "down_proj"))
+
+
 def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
                         progress: bool = True, plan: Optional[ChannelPlan] = None) -> tuple[PruningReport, dict]:
     """Scores and removes expert channels in place; returns `(report, summary)` (`summary` is also stored as
@@ -297,11 +402,11 @@ def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input
         raise ValueError(f"Method {config.method!r} needs calibration data.")
     started = time.perf_counter()
     params_before = count_parameters(model)
-    experts_before = sum(t.numel() for layer in plan.layers for t in _expert_tensors(layer).values())
+    experts_before = _prunable(plan)
     was_training = model.training
     model.eval()
     try:
-        sums = collect_channel_sums(model, plan, input_ids, config.batch_size, progress)
+        sums, shared_sums = collect_channel_sums(model, plan, input_ids, config.batch_size, progress)
     finally:
         model.train(was_training)
     decisions = [_choose(method, layer, s, plan.keep, plan.min_tokens) for layer, s in zip(plan.layers, sums)]
@@ -327,18 +432,34 @@ def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input
             fallback_experts[layer.name] = fallback
             logger.warning("%s: experts %s had fewer than %d routed tokens; scored by weight magnitude.", layer.name,
                            fallback, plan.min_tokens)
+    shared_report = {}
+    for shared, s in zip(plan.coupled, shared_sums):
+        keep, magnitude = _choose_shared(method, shared, s, plan.keep, plan.min_tokens)
+        before = {p: tuple(getattr(shared.module, p).weight.shape) for p in ("gate_proj", "up_proj", "down_proj")}
+        width = shared.width
+        slice_shared_mlp(shared, keep)
+        for proj, shape in before.items():
+            after = tuple(getattr(shared.module, proj).weight.shape)
+            report.layers.append(LayerReport(name=f"{shared.name}.{proj}", shape=after, sparsity=0.0, extra={
+                "original_shape": list(shape), "removed_fraction": 1.0 - torch.Size(after).numel()
+                / torch.Size(shape).numel()}))
+        removed = sorted(set(range(width)) - set(keep.tolist()))
+        report.blocks.append({"shared_expert": shared.name, "channels_before": width, "channels_after": keep.numel(),
+                              "tokens": int(s.tokens[0]), "magnitude_fallback": magnitude, "removed_channels": removed})
+        shared_report[shared.name] = {"channels_before": width, "channels_after": keep.numel()}
     setattr(model.config, plan.width_field, plan.keep)
     params_after = count_parameters(model)
-    experts_after = sum(t.numel() for layer in plan.layers for t in _expert_tensors(layer).values())
+    experts_after = _prunable(plan)
     summary = {
         "structure": "expert-channels", "method": config.method, "criterion": method.criterion,
         "channels_before": plan.width, "channels_after": plan.keep, "removed_per_expert": plan.width - plan.keep,
         "config_field": plan.width_field, "moe_blocks": [layer.index for layer in plan.layers],
         "dense_blocks": plan.skipped_blocks, "skipped_modules": plan.skipped_modules,
+        "shared_experts_pruned": shared_report,
         "min_expert_tokens": plan.min_tokens, "magnitude_fallback": fallback_experts,
         "model_params_before": params_before, "model_params_after": params_after,
         "achieved_model_fraction": 1.0 - params_after / params_before,
-        # the routed experts' fused tensors: what the pruning acts on
+        # the routed experts' fused tensors and the coupled shared experts' weights: what the pruning acts on
         "achieved_prunable_fraction": 1.0 - experts_after / experts_before, "format": "stock",
     }
     report.diagnostics["expert_channels"] = summary

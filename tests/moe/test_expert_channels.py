@@ -17,11 +17,11 @@ from optimum_sparse.structured.expert_channels import plan_expert_channels
 from ..helpers import assert_state_unchanged, make_ids, make_model, snapshot
 from .helpers import MOE_TYPES, make_moe
 
-# the types whose shared expert is sized by the routed experts' own config field (refused, see below)
+# the types whose shared expert is sized by the routed experts' own config field: pruned with them
 COUPLED = {"deepseek_v2": "shared_experts", "deepseek_v3": "shared_experts", "llama4_text": "shared_expert"}
-SUPPORTED = [t for t in MOE_TYPES if t not in COUPLED]
 WIDTH_FIELD = {"qwen2_moe": "moe_intermediate_size", "qwen3_moe": "moe_intermediate_size",
-               "qwen3_next": "moe_intermediate_size"}  # the others: intermediate_size
+               "qwen3_next": "moe_intermediate_size", "deepseek_v2": "moe_intermediate_size",
+               "deepseek_v3": "moe_intermediate_size"}  # the others: intermediate_size
 
 
 def _config(sparsity=0.5, **kwargs):
@@ -38,6 +38,10 @@ def _masked_dense(dense, blocks):
     """The dense model with each expert's removed channels zeroed (their down-projection columns)."""
     layers = dense.model.layers
     for entry in blocks:
+        if "shared_expert" in entry:
+            with torch.no_grad():
+                dense.get_submodule(entry["shared_expert"]).down_proj.weight[:, entry["removed_channels"]] = 0
+            continue
         ((name, (experts, layout)),) = find_experts_modules(layers[entry["index"]]).items()
         with torch.no_grad():
             for e, removed in enumerate(entry["removed_channels"]):
@@ -45,7 +49,7 @@ def _masked_dense(dense, blocks):
     return dense
 
 
-@pytest.mark.parametrize("model_type", SUPPORTED)
+@pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_expert_channels_equal_the_masked_dense_model_and_reload_with_stock_transformers(model_type, tmp_path):
     model = make_moe(model_type)
     dense = copy.deepcopy(model)
@@ -60,11 +64,16 @@ def test_expert_channels_equal_the_masked_dense_model_and_reload_with_stock_tran
     assert getattr(model.config, field) == keep and summary["config_field"] == field
     assert summary["channels_before"] == width and summary["channels_after"] == keep
     changed = {n for n, p in model.named_parameters() if tuple(p.shape) != shapes[n]}
-    assert changed and all(".experts." in n for n in changed)
+    shared = COUPLED.get(model_type)
+    assert changed and all(".experts." in n or (shared and f".{shared}." in n) for n in changed)
+    assert bool(shared) == bool(summary["shared_experts_pruned"])
     for name in changed:  # exactly the intermediate dimension halves
         before, after = shapes[name], tuple(model.get_parameter(name).shape)
         assert sorted(a * 2 if a != b else a for a, b in zip(after, before)) == sorted(before)
     for entry in pruner.report.blocks:
+        if "shared_expert" in entry:  # pruned to the same fraction
+            assert entry["channels_after"] * 2 == entry["channels_before"] == len(entry["removed_channels"]) * 2
+            continue
         assert all(len(r) == width - keep and len(set(r)) == width - keep for r in entry["removed_channels"])
     # the recorded fractions are measured on the weights
     expert_before = sum(torch.Size(shapes[n]).numel() for n in changed)
@@ -149,12 +158,18 @@ def test_every_expert_under_the_token_threshold_uses_magnitude():
     assert all(b["magnitude_fallback"] == [0, 1, 2, 3] for b in pruner.report.blocks)
 
 
-@pytest.mark.parametrize("model_type", sorted(COUPLED))
-def test_shared_expert_sized_by_the_same_field_is_refused_before_any_change(model_type):
-    model = make_moe(model_type)
+def test_a_config_field_that_does_not_describe_the_experts_is_refused_before_any_change():
+    model = make_moe("mixtral")
+    model.config.intermediate_size = 48  # the experts are 64 wide
     before = snapshot(model)
-    with pytest.raises(ValueError, match=COUPLED[model_type]):
+    with pytest.raises(ValueError, match="no config field holds the expert width 64"):
         SparsePruner(_config(0.5)).apply(model, dataset=make_ids(), progress=False)
+    assert_state_unchanged(model, before)
+    model = make_moe("llama4_text")  # the field also sizes the shared expert: refused when it is not a plain MLP
+    model.model.layers[1].feed_forward.shared_expert.down_proj = torch.nn.Identity()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="shared_expert"):
+        plan_expert_channels(model, _config(0.5))
     assert_state_unchanged(model, before)
 
 
