@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
-from ..engine.architectures import find_blocks, get_architecture
 from ..engine.block import LayerReport
 from ..engine.experts import ExpertLinear, ExpertsLayout, expert_intermediate, routed_tokens
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
-from .experts import MoELayer, _find_moe
+from .experts import MoELayer, find_moe_layers
 from .shrink import count_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,16 +218,7 @@ def plan_expert_channels(model: nn.Module, config: "PruningConfig") -> ChannelPl
     """Finds the MoE blocks and checks the pruning is possible; raises `ValueError` (naming what) before any change."""
     from ..methods.expert_channels import DEFAULT_MIN_TOKENS
 
-    spec = get_architecture(model)
-    blocks = find_blocks(model, spec)
-    layers, dense = [], []
-    for index, block in enumerate(blocks):
-        layer = _find_moe(block, f"{spec.blocks}.{index}", index)
-        (layers.append(layer) if layer is not None else dense.append(index))
-    if not layers:
-        raise ValueError(f"PruningConfig.structure='expert-channels': {type(model).__name__} has no fused expert "
-                         "parameters (gate_up_proj or up_proj, down_proj [E, ...]) in its decoder blocks; it is not a "
-                         "mixture of experts (use structure='channels').")
+    layers, dense, blocks_path = find_moe_layers(model, "expert-channels", " (use structure='channels')")
     widths = {_width(layer) for layer in layers}
     if len(widths) != 1:
         raise ValueError(f"MoE blocks have different expert widths {sorted(widths)}; one config field cannot hold them.")
@@ -247,9 +237,9 @@ def plan_expert_channels(model: nn.Module, config: "PruningConfig") -> ChannelPl
                                  "tensors in memory: load the model without offloading.")
     width_field, coupled = _check_config_field(model, layers, width, keep)
     coupled_names = {s.name for s in coupled}
-    shared = [f"{spec.blocks}.{layer.index}.{n}" for layer in layers for n, _ in layer.moe.named_children()
+    shared = [f"{blocks_path}.{layer.index}.{n}" for layer in layers for n, _ in layer.moe.named_children()
               if n.startswith("shared_expert") and n != "shared_expert_gate"
-              and f"{spec.blocks}.{layer.index}.{n}" not in coupled_names]
+              and f"{blocks_path}.{layer.index}.{n}" not in coupled_names]
     min_tokens = config.min_expert_tokens if config.min_expert_tokens is not None else DEFAULT_MIN_TOKENS
     return ChannelPlan(layers=layers, width=width, keep=keep, width_field=width_field, min_tokens=min_tokens,
                        skipped_blocks=dense, skipped_modules=shared, coupled=coupled)
