@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "pruning_config.json"
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 # structured pruning: whole MLP channels and/or attention heads (KV groups), or whole experts removed; the model shrinks
-STRUCTURED = ("channels", "heads", "channels+heads", "experts")
+STRUCTURED = ("channels", "heads", "channels+heads", "experts", "expert-channels")
 
 
 _DEFAULT_SPARSITY = 0.5
@@ -98,7 +98,9 @@ class PruningConfig:
             (`"structprune"`, `"flap"`, `"wanda-structured"`, `"magnitude-structured"`): whole MLP channels and/or
             attention heads (under GQA whole KV groups with their query heads) are removed and the linears shrink;
             see docs/structured.md. `"experts"` with method `"expert-removal"`: whole experts of every MoE block are
-            removed (`sparsity` is then the fraction of experts removed per block); see docs/moe.md.
+            removed (`sparsity` is then the fraction of experts removed per block); `"expert-channels"` with method
+            `"expert-channels"`: the same fraction of intermediate channels removed from every routed expert; see
+            docs/moe.md.
         dataset (`str`, defaults to `"wiki-offline"`):
             Calibration source when `SparsePruner.apply` gets no `dataset`: `"wiki-offline"` (bundled Wikipedia
             text), `"wikitext2"`, `"c4"`, `"ptb"`, any `datasets` name, or a local `.txt`/`.jsonl` file.

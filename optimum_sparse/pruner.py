@@ -136,8 +136,8 @@ class SparsePruner:
             )
         self.allocation = None
         started = time.perf_counter()  # one clock for the log line, the report, the record and the card
-        if self.config.structure == "experts":
-            input_ids = self._remove_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress)
+        if self.config.structure in ("experts", "expert-channels"):
+            input_ids = self._prune_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress)
         elif self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
@@ -198,18 +198,20 @@ class SparsePruner:
             attach_pruning_record(model, self.record, tokenizer)
         return model
 
-    def _remove_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
-        """Whole-expert removal (`structure="experts"`, `optimum_sparse.structured.experts`); returns the calibration."""
-        from .structured.experts import plan_expert_removal, run_expert_removal
-
+    def _prune_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
+        """Whole-expert removal (`structure="experts"`, `optimum_sparse.structured.experts`) or expert-channel pruning
+        (`structure="expert-channels"`, `optimum_sparse.structured.expert_channels`); returns the calibration."""
+        if self.config.structure == "experts":
+            from .structured.experts import plan_expert_removal as plan_fn, run_expert_removal as run_fn
+        else:
+            from .structured.expert_channels import plan_expert_channels as plan_fn, run_expert_channels as run_fn
         if sparsity_for is not None or checkpoint_dir is not None:
-            raise ValueError("structure='experts' removes the same number of experts per MoE block in one pass: "
+            raise ValueError(f"structure={self.config.structure!r} prunes every MoE block alike in one pass: "
                              "sparsity_for and checkpoint_dir/resume do not apply.")
         _validate(model, self.config)
-        plan = plan_expert_removal(model, self.config)  # every check before any change
+        plan = plan_fn(model, self.config)  # every check before any change
         input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        self.report, self.structured_summary = run_expert_removal(model, self.method, self.config, input_ids,
-                                                                  progress, plan=plan)
+        self.report, self.structured_summary = run_fn(model, self.method, self.config, input_ids, progress, plan=plan)
         return input_ids
 
     def _tokenizer_for(self, model: nn.Module) -> Any:

@@ -229,7 +229,7 @@ def test_impossible_targets_fail_before_any_change(kwargs, message):
     (dict(method="structprune", sparsity=1.0, structure="channels"), "sparsity must be in"),
     (dict(method="wanda", structure="channels"), "needs a structured method"),
     (dict(method="structprune", structure="unstructured"), "must be one of 'channels'"),
-    (dict(method="structprune", structure="rows"), r"'channels\+heads', 'experts'\), got 'rows'"),
+    (dict(method="structprune", structure="rows"), r"'channels\+heads', 'experts', 'expert-channels'\), got 'rows'"),
     (dict(method="flap", structure="heads", multiple_of=0), "multiple_of"),
     (dict(method="structprune", structure="heads", method_kwargs={"allocation": "owl"}), "allocation"),
     (dict(method="structprune", structure="heads", method_kwargs={"temperature": 0}), "temperature"),

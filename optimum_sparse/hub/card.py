@@ -256,6 +256,16 @@ def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, bas
                    f"(`{experts['config_field']}`), {_pct(experts['achieved_model_fraction'])} of the model's "
                    "parameters; the removed experts of each block are listed in `pruning_report.json`. Per-tensor "
                    "'sparsity' below is the fraction of the tensor removed.")
+    channels = (record.diagnostics or {}).get("expert_channels")
+    if channels:
+        summary = (f"This model is {what} with expert channels removed after training by optimum-sparse "
+                   f"(**{c.method}**, criterion `{channels['criterion']}`): {channels['removed_per_expert']} of "
+                   f"{channels['channels_before']} intermediate channels in every expert of its "
+                   f"{len(channels['moe_blocks'])} MoE blocks, {channels['channels_after']} left "
+                   f"(`{channels['config_field']}`), {_pct(channels['achieved_model_fraction'])} of the model's "
+                   "parameters; shared experts and dense blocks are left alone, and the removed channels of each "
+                   "expert are listed in `pruning_report.json`. Per-tensor 'sparsity' below is the fraction of the "
+                   "tensor removed.")
     layer_patterns = (record.allocation or {}).get("patterns") or {}  # N:M allocation: the layer's "N_i:M"
     rows = [{"name": r.name, "shape": " × ".join(str(s) for s in r.shape),
              "sparsity": _pct(r.extra.get("removed_fraction", r.sparsity))

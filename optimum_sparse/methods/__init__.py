@@ -3,7 +3,7 @@
 
 from .base import LinearStats, PruningMethod, available_methods, get_method_class, register_method
 from . import alps_lifecycle, elsa, magnitude, sparsegpt, sparsellm_lifecycle, wanda  # noqa: F401  (registration)
-from . import expert_removal, flap, structprune, wanda_structured  # noqa: F401  (structured methods)
+from . import expert_channels, expert_removal, flap, structprune, wanda_structured  # noqa: F401  (structured methods)
 
 from ..options import NoOptions, Options  # noqa: E402
 from .alps_lifecycle import ALPSOptions  # noqa: E402

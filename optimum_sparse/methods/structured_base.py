@@ -85,7 +85,7 @@ class StructuredMethod(PruningMethod):
 
     @classmethod
     def validate_config(cls, config: "PruningConfig") -> None:
-        if not config.is_structured or config.structure == "experts":
+        if not config.is_structured or config.structure in ("experts", "expert-channels"):
             raise ValueError(
                 f"PruningConfig.structure must be one of 'channels', 'heads', 'channels+heads' for method "
                 f"{config.method!r}, got {config.structure!r}."

@@ -42,7 +42,7 @@ from .shrink import count_parameters
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
 
-__all__ = ["MoELayer", "ExpertStats", "ExpertPlan", "plan_expert_removal", "collect_expert_stats",
+__all__ = ["MoELayer", "ExpertStats", "ExpertPlan", "find_moe_layers", "plan_expert_removal", "collect_expert_stats",
            "remove_experts", "run_expert_removal", "EXPERT_COUNT_FIELDS"]
 
 logger = logging.getLogger(__name__)
@@ -138,18 +138,23 @@ def _find_moe(block: nn.Module, prefix: str, index: int) -> Optional[MoELayer]:
                     router_attr=router_name, layout=layout)
 
 
-def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan:
-    """Finds the MoE blocks and checks the removal is possible; raises `ValueError` (naming what) before any change."""
+def find_moe_layers(model: nn.Module, structure: str, hint: str = "") -> tuple[list, list, str]:
+    """`(MoE layers, dense block indices, blocks path)` of a model; raises `ValueError` when it has no fused experts."""
     spec = get_architecture(model)
-    blocks = find_blocks(model, spec)
     layers, dense = [], []
-    for index, block in enumerate(blocks):
+    for index, block in enumerate(find_blocks(model, spec)):
         layer = _find_moe(block, f"{spec.blocks}.{index}", index)
         (layers.append(layer) if layer is not None else dense.append(index))
     if not layers:
-        raise ValueError(f"PruningConfig.structure='experts': {type(model).__name__} has no fused expert parameters "
+        raise ValueError(f"PruningConfig.structure={structure!r}: {type(model).__name__} has no fused expert parameters "
                          "(gate_up_proj or up_proj, down_proj [E, ...]) in its decoder blocks; it is not a mixture of "
-                         "experts.")
+                         f"experts{hint}.")
+    return layers, dense, spec.blocks
+
+
+def plan_expert_removal(model: nn.Module, config: "PruningConfig") -> ExpertPlan:
+    """Finds the MoE blocks and checks the removal is possible; raises `ValueError` (naming what) before any change."""
+    layers, dense, _ = find_moe_layers(model, "experts")
     counts = {layer.num_experts for layer in layers}
     if len(counts) != 1:
         raise ValueError(f"MoE blocks have different expert counts {sorted(counts)}; expert removal expects one.")

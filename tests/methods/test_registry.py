@@ -38,7 +38,7 @@ def test_capabilities_are_flags_not_overrides():
     assert flags["sparsellm"] == flags["alps"] == (False, False, False)
     assert flags["sparsegpt"] == flags["wanda"] == flags["magnitude"] == (False, True, False)
     assert {n for n, f in flags.items() if f[2]} == {"structprune", "flap", "wanda-structured", "magnitude-structured",
-                                                     "expert-removal"}
+                                                     "expert-removal", "expert-channels"}
     assert ELSAPruning.runs_whole_model() and not SparseGPTPruning.runs_whole_model()
 
     class OwnLoop(PruningMethod):  # overriding prune_model or prune_block says nothing: only the flags do
