@@ -17,52 +17,58 @@ number is removed from every group. Ties go to the lower index. The engine is `o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..options import Options, option
 from .base import PruningMethod, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
     from ..structured.experts import ExpertStats
 
-__all__ = ["ExpertRemoval", "CRITERIA"]
+__all__ = ["ExpertRemoval", "ExpertRemovalOptions", "CRITERIA"]
 
 CRITERIA = ("contribution", "mass", "frequency", "reconstruction")
 
 
+@dataclass
+class ExpertRemovalOptions(Options):
+    """`method_kwargs` of `method="expert-removal"`."""
+
+    label: ClassVar[str] = "expert-removal"
+    criterion: str = option("contribution", "Which experts go first: 'contribution' (routed mass times mean output "
+                                            "norm), 'mass', 'frequency' or 'reconstruction' (greedy, docs/moe.md).",
+                            choices=CRITERIA)
+
+
 @register_method
 class ExpertRemoval(PruningMethod):
-    """Removes whole experts of every MoE block by a calibration criterion (`method_kwargs["criterion"]`)."""
+    """Removes whole experts of every MoE block by a calibration criterion (`ExpertRemovalOptions.criterion`)."""
 
     name = "expert-removal"
     stats = "norms"
     structured: ClassVar[bool] = True
-    allowed_kwargs: ClassVar[tuple] = ("criterion",)
+    per_linear: ClassVar[bool] = False
+    options_class = ExpertRemovalOptions
 
     @classmethod
     def validate_config(cls, config: "PruningConfig") -> None:
         if config.structure != "experts":
             raise ValueError(f"PruningConfig.structure must be 'experts' for method {config.method!r}, "
                              f"got {config.structure!r}.")
-        unknown = sorted(set(config.method_kwargs) - set(cls.allowed_kwargs))
-        if unknown:
-            raise ValueError(f"PruningConfig.method_kwargs: unknown keys {unknown} for method {config.method!r}; "
-                             f"allowed: {list(cls.allowed_kwargs)}.")
-        criterion = config.method_kwargs.get("criterion", CRITERIA[0])
-        if criterion not in CRITERIA:
-            raise ValueError(f"PruningConfig.method_kwargs['criterion'] must be one of {list(CRITERIA)}, "
-                             f"got {criterion!r}.")
         if config.allocation != "uniform" or config.layer_sparsity:
             raise ValueError("PruningConfig.structure='experts' removes the same number of experts from every MoE "
                              "block (one expert count in the config); allocation must be 'uniform', no layer_sparsity.")
         if not config.sparsity > 0:
             raise ValueError("PruningConfig.sparsity is the fraction of experts removed per MoE block; it must be > 0.")
+        cls.check_options(config)
 
     @property
     def criterion(self) -> str:
-        return self.config.method_kwargs.get("criterion", CRITERIA[0])
+        return self.options.criterion
 
     def expert_scores(self, stats: "ExpertStats") -> torch.Tensor:
         """Per-expert scores `[E]` (float64, higher = keep)."""
