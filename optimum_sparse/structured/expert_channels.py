@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 
-from ..engine.block import LayerReport
 from ..engine.experts import ExpertLinear, ExpertsLayout, expert_intermediate, routed_tokens
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
 from .experts import MoELayer, find_moe_layers
-from .shrink import count_parameters
+from .shrink import count_parameters, shrunk_layer_report
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -406,9 +405,7 @@ def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input
         old_shapes = {n: tuple(t.shape) for n, t in _expert_tensors(layer).items()}
         slice_expert_channels(layer, keep)
         for name, tensor in _expert_tensors(layer).items():
-            report.layers.append(LayerReport(name=name, shape=tuple(tensor.shape), sparsity=0.0, extra={
-                "original_shape": list(old_shapes[name]),
-                "removed_fraction": 1.0 - tensor.numel() / torch.Size(old_shapes[name]).numel()}))
+            report.layers.append(shrunk_layer_report(name, old_shapes[name], tuple(tensor.shape)))
         removed = [sorted(set(range(plan.width)) - set(row.tolist())) for row in keep]
         entry = {"index": layer.index, "experts": layer.name, "channels_before": plan.width,
                  "channels_after": plan.keep, "tokens": [int(t) for t in s.tokens.tolist()],
@@ -430,9 +427,7 @@ def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input
         slice_shared_mlp(shared, keep)
         for proj, shape in before.items():
             after = tuple(getattr(shared.module, proj).weight.shape)
-            report.layers.append(LayerReport(name=f"{shared.name}.{proj}", shape=after, sparsity=0.0, extra={
-                "original_shape": list(shape), "removed_fraction": 1.0 - torch.Size(after).numel()
-                / torch.Size(shape).numel()}))
+            report.layers.append(shrunk_layer_report(f"{shared.name}.{proj}", shape, after))
         removed = sorted(set(range(width)) - set(keep.tolist()))
         report.blocks.append({"shared_expert": shared.name, "channels_before": width, "channels_after": keep.numel(),
                               "tokens": int(s.tokens[0]), "magnitude_fallback": magnitude, "removed_channels": removed})

@@ -31,13 +31,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn as nn
 from ..engine.architectures import find_blocks, get_architecture
-from ..engine.block import LayerReport
 from ..engine.experts import (
     ExpertsLayout, expert_output, experts_routers, find_experts_modules, layout_count, routed_tokens,
 )
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
-from .shrink import count_parameters
+from .shrink import count_parameters, shrunk_layer_report
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -366,9 +365,7 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
         sliced = remove_experts(layer, keep)
         for name, tensor in _expert_tensors(model, layer):
             if name in sliced:
-                report.layers.append(LayerReport(name=name, shape=tuple(tensor.shape), sparsity=0.0, extra={
-                    "original_shape": list(old_shapes[name]),
-                    "removed_fraction": 1.0 - tensor.numel() / torch.Size(old_shapes[name]).numel()}))
+                report.layers.append(shrunk_layer_report(name, old_shapes[name], tuple(tensor.shape)))
         report.blocks.append({"index": layer.index, "experts": layer.name, "router": layer.router_name,
                               "removed_experts": removed, "kept_experts": keep.sort().values.tolist(),
                               "scores": scores.tolist(), **s.to_dict(),

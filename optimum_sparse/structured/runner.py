@@ -31,7 +31,8 @@ from ..allocation.structured import (ModuleBudget, allocate, allocation_record, 
                          same_shapes_per_kind)
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
-from .shrink import count_parameters, finalize_config, out_features, shrink_channels, shrink_heads
+from .shrink import (count_parameters, finalize_config, out_features, shrink_channels, shrink_heads,
+                     shrunk_layer_report)
 from ..utils import show_progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,10 +302,7 @@ def _layer_reports(model: nn.Module, plan: StructuredPlan) -> list[LayerReport]:
     reports = []
     for name, (out_f, in_f, _) in plan.original_shapes.items():
         module = model.get_submodule(name)
-        shape = (out_features(module), in_features(module))
-        removed = 1.0 - (shape[0] * shape[1]) / (out_f * in_f)
-        reports.append(LayerReport(name=name, shape=shape, sparsity=0.0,
-                                   extra={"original_shape": [out_f, in_f], "removed_fraction": removed}))
+        reports.append(shrunk_layer_report(name, (out_f, in_f), (out_features(module), in_features(module))))
     return reports
 
 

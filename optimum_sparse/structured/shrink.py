@@ -15,16 +15,18 @@ model that runs faster everywhere. `finalize_config` then records the sizes:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..engine.block import LayerReport
 from ..engine.linears import in_features
 from .layout import HeadGeometry, StructuredLayout
 from .modeling_pruned import PRUNED_CLASSES, set_module_attribute
 
-__all__ = ["out_features", "resize_linear", "shrink_heads", "shrink_channels", "finalize_config", "count_parameters",
+__all__ = ["shrunk_layer_report", "out_features", "resize_linear", "shrink_heads", "shrink_channels", "finalize_config", "count_parameters",
            "head_attribute_values"]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,14 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def out_features(module: nn.Module) -> int:
     return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+
+
+def shrunk_layer_report(name: str, original_shape: tuple, shape: tuple) -> LayerReport:
+    """The report of a weight made smaller by structured pruning: its new and original shapes and the removed
+    fraction of its entries (`sparsity` stays 0: what is left is dense)."""
+    removed = 1.0 - math.prod(shape) / math.prod(original_shape)
+    return LayerReport(name=name, shape=tuple(shape), sparsity=0.0,
+                       extra={"original_shape": list(original_shape), "removed_fraction": removed})
 
 
 def count_parameters(model: nn.Module) -> int:
