@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
     from ..methods.base import PruningMethod
 
-__all__ = ["PruningReport", "find_target_linears", "check_targets", "run_sequential"]
+__all__ = ["PruningReport", "find_target_linears", "check_targets", "capture_inputs", "walk_blocks", "run_sequential"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,67 @@ def check_targets(model: nn.Module, config: "PruningConfig") -> tuple[Architectu
     return spec, blocks, targets
 
 
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int) -> BlockInputs:
+    """The calibration inputs of block 0, with the arguments of every block kind (`block_kinds`)."""
+    first_of_kind: dict = {}
+    for kind, block in zip(block_kinds(model, len(blocks)), blocks):
+        first_of_kind.setdefault(kind, block)
+    return capture_block_inputs(model, blocks[0], input_ids, batch_size, kinds=first_of_kind)
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    spec: ArchitectureSpec,
+    config: "PruningConfig",
+    inputs: Optional[BlockInputs],
+    visit: Callable[[BlockJob], Optional[list]],
+    targets: Optional[list[dict]] = None,
+    sparsity_for: Optional[Callable[[str], float]] = None,
+    start: int = 0,
+    after: Optional[Callable[[BlockJob, Optional[BlockInputs]], None]] = None,
+    desc: str = "Pruning",
+    progress: bool = True,
+) -> Optional[BlockInputs]:
+    """The one block loop of every run (unstructured, N:M, structured, searches, MoE experts).
+
+    For each block from `start`: onload it to its solve device (accelerate offload), build its `BlockJob` on the
+    hidden states with the arguments of its kind, call `visit(job)` (which may change the block), then hand the
+    block's outputs to the next block: the list `visit` returned, else `job.forward_all()` on the changed block.
+    `after(job, inputs)` runs last, the block still onloaded and `inputs` already the next block's (checkpoints).
+
+    Args:
+        inputs: block 0's calibration inputs (`capture_inputs`); `None` for data-free runs (no forward at all).
+        targets: per block `{name: module}` given to the job (default: none).
+        sparsity_for: the job's per-layer target sparsity (default: `config.sparsity`).
+
+    Returns:
+        The inputs of the block after the last one (the model's final hidden states), or `None`.
+    """
+    kinds = block_kinds(model, len(blocks))
+    sparsity_for = sparsity_for or (lambda name: config.sparsity)
+    bar = tqdm(total=len(blocks), initial=start, desc=desc, unit="block", disable=not show_progress(progress))
+    for index, block in enumerate(blocks):
+        if index < start:
+            continue
+        device = solve_device(block, config.device)
+        with onload_block(block, device):
+            job = BlockJob(
+                block, index, f"{spec.blocks}.{index}", spec, targets[index] if targets is not None else {},
+                inputs.for_kind(kinds[index]) if inputs is not None else BlockInputs(), device, config, sparsity_for,
+            )
+            outputs = visit(job)
+            if inputs is not None:
+                inputs = inputs.with_hidden(outputs if outputs is not None else job.forward_all())
+            if after is not None:
+                after(job, inputs)
+        bar.update(1)
+        del job
+    bar.close()
+    return inputs
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -132,7 +193,7 @@ def run_sequential(
     progress: bool = True,
     checkpoint: Optional["RunCheckpoint"] = None,
 ) -> PruningReport:
-    """Prunes `model` in place, one decoder block at a time.
+    """Prunes `model` in place, one decoder block at a time (`walk_blocks` with `method.prune_block`).
 
     Args:
         model: a causal LM (`PreTrainedModel`).
@@ -145,8 +206,6 @@ def run_sequential(
             unfinished block (its predecessors' pruned weights and the propagated hidden states come from the folder).
     """
     spec, blocks, targets = check_targets(model, config)
-    kinds = block_kinds(model, len(blocks))
-    sparsity_for = sparsity_for or (lambda name: config.sparsity)
     report = PruningReport(method=config.method)
     started = time.perf_counter()
     was_training = model.training
@@ -156,10 +215,7 @@ def run_sequential(
         if method.needs_calibration:
             if input_ids is None:
                 raise ValueError(f"Method {config.method!r} needs calibration data.")
-            first_of_kind = {}
-            for kind, block in zip(kinds, blocks):
-                first_of_kind.setdefault(kind, block)
-            inputs = capture_block_inputs(model, blocks[0], input_ids, config.batch_size, kinds=first_of_kind)
+            inputs = capture_inputs(model, blocks, input_ids, config.batch_size)
         start = checkpoint.next_block if checkpoint is not None else 0
         if start:
             logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
@@ -173,31 +229,24 @@ def run_sequential(
             checkpoint.restore_report(report)
             if inputs is not None:
                 inputs = inputs.with_hidden(checkpoint.restore_hidden())
-        bar = tqdm(total=len(blocks), initial=start, desc=f"Pruning ({config.method})", unit="block",
-                   disable=not show_progress(progress))
-        for index, block in enumerate(blocks):
-            if index < start:
-                continue
-            device = solve_device(block, config.device)
-            block_started = time.perf_counter()
-            with onload_block(block, device):
-                job = BlockJob(
-                    block, index, f"{spec.blocks}.{index}", spec, targets[index],
-                    inputs.for_kind(kinds[index]) if inputs is not None else BlockInputs(), device, config, sparsity_for,
-                )
-                if checkpoint is not None:
-                    checkpoint.note_dense(index, targets[index])
-                if targets[index]:
-                    method.prune_block(job)
-                if inputs is not None:
-                    inputs = inputs.with_hidden(job.forward_all())
-                report.layers.extend(job.reports)
-                report.blocks.append({"index": index, "seconds": time.perf_counter() - block_started, **job.diagnostics})
-                if checkpoint is not None:
-                    checkpoint.save(index, targets[index], inputs.hidden if inputs is not None else None, report)
-            bar.update(1)
-            del job
-        bar.close()
+        block_started = [0.0]
+
+        def visit(job: BlockJob) -> None:
+            block_started[0] = time.perf_counter()
+            if checkpoint is not None:
+                checkpoint.note_dense(job.index, job.linears)
+            if job.linears:
+                method.prune_block(job)
+
+        def after(job: BlockJob, next_inputs: Optional[BlockInputs]) -> None:
+            report.layers.extend(job.reports)
+            report.blocks.append({"index": job.index, "seconds": time.perf_counter() - block_started[0],
+                                  **job.diagnostics})
+            if checkpoint is not None:
+                checkpoint.save(job.index, job.linears, next_inputs.hidden if next_inputs is not None else None, report)
+
+        walk_blocks(model, blocks, spec, config, inputs, visit, targets=targets, sparsity_for=sparsity_for,
+                    start=start, after=after, desc=f"Pruning ({config.method})", progress=progress)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - started
