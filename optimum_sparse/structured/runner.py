@@ -19,21 +19,19 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..engine.architectures import find_blocks, get_architecture
 from ..engine.block import BlockJob, LayerReport
-from ..engine.capture import BlockInputs, capture_block_inputs
-from ..engine.devices import is_offloaded, onload_block, solve_device
+from ..engine.capture import BlockInputs
+from ..engine.devices import is_offloaded
 from ..engine.linears import in_features, read_weight
-from ..engine.sequential import PruningReport
+from ..engine.sequential import PruningReport, capture_inputs, walk_blocks
 from ..allocation.structured import (ModuleBudget, allocate, allocation_record, check_feasible, pooled_common_sizes,
                          same_shapes_per_kind)
 from .layout import HeadGeometry, StructuredLayout, get_structured_layout, head_geometry
 from .scoring import InputStats
 from .shrink import (count_parameters, finalize_config, out_features, shrink_channels, shrink_heads,
                      shrunk_layer_report)
-from ..utils import show_progress
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -169,23 +167,20 @@ def _allocation_scores(model, plan: StructuredPlan, method: "StructuredMethod", 
                        progress: bool) -> list[torch.Tensor]:
     """Dense pass: the method's comparable scores of every module, in `plan.modules` order."""
     scores = []
-    bar = tqdm(total=len(plan.blocks), desc=f"Scoring ({config.method})", unit="block", disable=not show_progress(progress))
-    for index, block in enumerate(plan.blocks):
-        device = solve_device(block, config.device)
-        with onload_block(block, device):
-            job = BlockJob(block, index, f"{plan.spec.blocks}.{index}", plan.spec, {}, inputs, device, config,
-                           lambda name: config.sparsity)
-            outputs: list = []
-            modules = {kind: block.get_submodule(plan.names(kind)[1]) for kind in plan.kinds}
-            stats = _collect(job, modules, method.stats == "hessian", outputs)
-            energy = _residual_energy(inputs)
-            for kind in plan.kinds:
-                weight = read_weight(modules[kind], device)
-                cost = plan.modules[len(scores)].cost
-                scores.append(method.allocation_scores(kind, weight, stats[kind], plan.width(kind), cost, energy).cpu())
-        inputs = inputs.with_hidden(outputs)
-        bar.update(1)
-    bar.close()
+
+    def visit(job: BlockJob) -> list:
+        outputs: list = []
+        modules = {kind: job.block.get_submodule(plan.names(kind)[1]) for kind in plan.kinds}
+        stats = _collect(job, modules, method.stats == "hessian", outputs)
+        energy = _residual_energy(job.inputs)
+        for kind in plan.kinds:
+            weight = read_weight(modules[kind], job.device)
+            cost = plan.modules[len(scores)].cost
+            scores.append(method.allocation_scores(kind, weight, stats[kind], plan.width(kind), cost, energy).cpu())
+        return outputs  # the dense block's outputs, from the statistics pass
+
+    walk_blocks(model, plan.blocks, plan.spec, config, inputs, visit, desc=f"Scoring ({config.method})",
+                progress=progress)
     return scores
 
 
@@ -224,7 +219,7 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
             if method.needs_calibration:
                 if input_ids is None:
                     raise ValueError(f"Method {config.method!r} needs calibration data.")
-                inputs = capture_block_inputs(model, plan.blocks[0], input_ids, config.batch_size)
+                inputs = capture_inputs(model, plan.blocks, input_ids, config.batch_size)
             if allocation is None:
                 scores = None
                 if method.allocation != "uniform":
@@ -242,7 +237,7 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
             if allocation is not None:
                 report.allocation = allocation.to_dict()
             keep_of = {m.key: k for m, k in zip(plan.modules, keeps)}
-            _prune_blocks(plan, method, config, inputs, keep_of, report, progress)
+            _prune_blocks(model, plan, method, config, inputs, keep_of, report, progress)
     finally:
         model.train(was_training)
     fmt = finalize_config(model, plan.layout, plan.geometry, plan.blocks, plan.spec.blocks, plan.original_shapes,
@@ -260,42 +255,41 @@ def run_structured(model: nn.Module, method: "StructuredMethod", config: "Prunin
     return report, summary
 
 
-def _prune_blocks(plan: StructuredPlan, method: "StructuredMethod", config, inputs: BlockInputs, keep_of: dict,
-                  report: PruningReport, progress: bool) -> None:
-    bar = tqdm(total=len(plan.blocks), desc=f"Pruning ({config.method})", unit="block", disable=not show_progress(progress))
-    for index, block in enumerate(plan.blocks):
-        block_started = time.perf_counter()
-        device = solve_device(block, config.device)
-        diagnostics: dict = {"index": index}
-        with onload_block(block, device):
-            job = BlockJob(block, index, f"{plan.spec.blocks}.{index}", plan.spec, {}, inputs, device, config,
-                           lambda name: config.sparsity)
-            for kind in plan.kinds:
-                output = plan.names(kind)[1]
-                module = block.get_submodule(output)
-                width = plan.width(kind)
-                groups = in_features(module) // width
-                keep = keep_of[(index, kind)]
-                diagnostics[f"kept_{kind}"] = keep
-                if keep >= groups:
-                    continue
-                stats = _collect(job, {kind: module}, method.stats == "hessian")[kind]
-                weight = read_weight(module, device)
-                bias = module.bias.detach().to(device, torch.float32) if getattr(module, "bias", None) is not None else None
-                decision = method.select(kind, weight, bias, stats, width, keep)
-                if len(decision.keep) != keep:
-                    raise RuntimeError(f"{config.method} kept {len(decision.keep)} groups, asked {keep}.")
-                diagnostics.update({f"{kind}_{k}": v for k, v in decision.diagnostics.items()})
-                if kind == "heads":
-                    shrink_heads(block, plan.layout, plan.geometry, decision.keep.cpu(), decision.weight, decision.bias_delta)
-                else:
-                    shrink_channels(block, plan.layout, decision.keep.cpu(), decision.weight, decision.bias_delta)
-            outputs = job.forward_all()
-        inputs = inputs.with_hidden(outputs)
-        diagnostics["seconds"] = time.perf_counter() - block_started
-        report.blocks.append(diagnostics)
-        bar.update(1)
-    bar.close()
+def _prune_blocks(model: nn.Module, plan: StructuredPlan, method: "StructuredMethod", config, inputs: BlockInputs,
+                  keep_of: dict, report: PruningReport, progress: bool) -> None:
+    """Selects and shrinks each block's heads/channels (`walk_blocks`), on the outputs of the already pruned blocks."""
+    started = [0.0]
+
+    def visit(job: BlockJob) -> None:
+        started[0] = time.perf_counter()
+        job.diagnostics["index"] = job.index
+        for kind in plan.kinds:
+            output = plan.names(kind)[1]
+            module = job.block.get_submodule(output)
+            width = plan.width(kind)
+            groups = in_features(module) // width
+            keep = keep_of[(job.index, kind)]
+            job.diagnostics[f"kept_{kind}"] = keep
+            if keep >= groups:
+                continue
+            stats = _collect(job, {kind: module}, method.stats == "hessian")[kind]
+            weight = read_weight(module, job.device)
+            bias = module.bias.detach().to(job.device, torch.float32) if getattr(module, "bias", None) is not None else None
+            decision = method.select(kind, weight, bias, stats, width, keep)
+            if len(decision.keep) != keep:
+                raise RuntimeError(f"{config.method} kept {len(decision.keep)} groups, asked {keep}.")
+            job.diagnostics.update({f"{kind}_{k}": v for k, v in decision.diagnostics.items()})
+            if kind == "heads":
+                shrink_heads(job.block, plan.layout, plan.geometry, decision.keep.cpu(), decision.weight,
+                             decision.bias_delta)
+            else:
+                shrink_channels(job.block, plan.layout, decision.keep.cpu(), decision.weight, decision.bias_delta)
+
+    def after(job: BlockJob, _next_inputs) -> None:
+        report.blocks.append({**job.diagnostics, "seconds": time.perf_counter() - started[0]})
+
+    walk_blocks(model, plan.blocks, plan.spec, config, inputs, visit, after=after, desc=f"Pruning ({config.method})",
+                progress=progress)
 
 
 def _layer_reports(model: nn.Module, plan: StructuredPlan) -> list[LayerReport]:

@@ -35,20 +35,19 @@ import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ..allocation.evolution import EvolutionarySearch, check_search_kwargs, run_search, search_info
 from ..allocation.search import SEARCH_DEFAULTS, register_structured_search_check
 from ..allocation.supernet import Supernet
 from ..engine.block import BlockJob
-from ..engine.capture import capture_block_inputs
-from ..engine.devices import onload_block, solve_device
+from ..engine.devices import solve_device
+from ..engine.sequential import capture_inputs, walk_blocks
 from ..engine.linears import read_weight, write_weight
 from ..allocation.structured import allocate, allocation_record
 from .base import GroupDecision
 from .latency import BUDGETS, LatencyTable, load_latency_table
 from .scoring import expand_groups
-from ..utils import show_progress
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..allocation.base import Allocation
@@ -256,7 +255,7 @@ class _StructuredSearch(EvolutionarySearch):
         rule, config = self.start_rule(), self.config
         scores = None
         if rule != "uniform":
-            inputs = capture_block_inputs(self.model, self.plan.blocks[0], self.input_ids, config.batch_size)
+            inputs = capture_inputs(self.model, self.plan.blocks, self.input_ids, config.batch_size)
             scores = _allocation_scores(self.model, self.plan, self.method, config, inputs, self.progress)
         return allocate(rule, self.modules, config.sparsity, scores, config.method_kwargs.get("temperature", 1.0),
                         config.method_kwargs.get("max_deviation", 0.2))
@@ -318,33 +317,27 @@ class _StructuredSearch(EvolutionarySearch):
     @torch.no_grad()
     def _build(self, net: StructuredSupernet, rnd: int) -> None:
         plan, config = self.plan, self.config
-        inputs = capture_block_inputs(self.model, plan.blocks[0], self.input_ids, config.batch_size)
-        bar = tqdm(total=len(plan.blocks), desc=f"Supernet round {rnd} ({config.method})", unit="block",
-                   disable=not show_progress(self.progress))
-        for index, block in enumerate(plan.blocks):
-            cached = net.has_block(index)
+        inputs = capture_inputs(self.model, plan.blocks, self.input_ids, config.batch_size)
+
+        def visit(job: BlockJob) -> None:
+            cached = net.has_block(job.index)
             tensors: dict = {}
-            device = solve_device(block, config.device)
-            with onload_block(block, device):
-                job = BlockJob(block, index, f"{plan.spec.blocks}.{index}", plan.spec, {}, inputs, device, config,
-                               lambda name: config.sparsity)
-                for kind in plan.kinds:  # heads first: the MLP's statistics see the attention's forward weight
-                    gene = self.gene_of[(index, kind)]
-                    variants, stats = {}, {}
-                    for level in net.gene_levels(gene):
-                        if cached:
-                            variants[level] = net.decision(gene, level)
-                            continue
-                        decision = self._select(job, gene, net.count(gene, level), stats)
-                        stored, variants[level] = net.store(gene, level, decision, self.outputs[gene].weight.dtype)
-                        tensors.update(stored)
-                    self._forward(net, gene, variants)
-                outputs = job.forward_all()
+            for kind in plan.kinds:  # heads first: the MLP's statistics see the attention's forward weight
+                gene = self.gene_of[(job.index, kind)]
+                variants, stats = {}, {}
+                for level in net.gene_levels(gene):
+                    if cached:
+                        variants[level] = net.decision(gene, level)
+                        continue
+                    decision = self._select(job, gene, net.count(gene, level), stats)
+                    stored, variants[level] = net.store(gene, level, decision, self.outputs[gene].weight.dtype)
+                    tensors.update(stored)
+                self._forward(net, gene, variants)
             if not cached:
-                net.save_block(index, tensors)
-            inputs = inputs.with_hidden(outputs)
-            bar.update(1)
-        bar.close()
+                net.save_block(job.index, tensors)
+
+        walk_blocks(self.model, plan.blocks, plan.spec, config, inputs, visit,
+                    desc=f"Supernet round {rnd} ({config.method})", progress=self.progress)
 
 
 def _latency_info(search: "_StructuredSearch", plan, kept: list, start: list) -> dict:

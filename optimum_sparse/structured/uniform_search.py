@@ -25,7 +25,7 @@ import torch
 from ..allocation.scoring import Scorer
 from ..allocation.search import SEARCH_DEFAULTS
 from ..allocation.structured import allocation_record
-from ..engine.capture import capture_block_inputs
+from ..engine.sequential import capture_inputs
 from ..engine.sequential import PruningReport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,8 +97,8 @@ def uniform_shapes_search(model, plan: "StructuredPlan", method, config, input_i
     for kept in candidates:
         candidate = copy.deepcopy(model)
         cplan = StructuredPlan(candidate, plain)
-        inputs = capture_block_inputs(candidate, cplan.blocks[0], input_ids, config.batch_size)
-        _prune_blocks(cplan, method, plain, inputs, {m.key: k for m, k in zip(cplan.modules, kept)},
+        inputs = capture_inputs(candidate, cplan.blocks, input_ids, config.batch_size)
+        _prune_blocks(candidate, cplan, method, plain, inputs, {m.key: k for m, k in zip(cplan.modules, kept)},
                       PruningReport(method=config.method),
                       False)
         scorer.model, scorer.blocks = candidate, cplan.blocks
