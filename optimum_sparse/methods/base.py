@@ -15,27 +15,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.block import BlockJob
     from ..engine.sequential import PruningReport
 
-__all__ = ["LinearStats", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config",
+__all__ = ["LinearStats", "Method", "PruningMethod", "register_method", "get_method_class", "available_methods", "warm_start_config",
            "Options", "NoOptions"]
 
-_REGISTRY: dict[str, type["PruningMethod"]] = {}
+_REGISTRY: dict[str, type["Method"]] = {}
 
 
-class PruningMethod(WithOptions):
-    """Base class of pruning methods: tensor math only, no hooks, devices or models.
+class Method(WithOptions):
+    """What every registered method has: a name, its options, the statistics it needs and its capability flags.
 
-    A subclass sets `name`, its capability flags (`whole_model`, `per_linear`, `structured`, `column_blocks`) and `stats` (`"none"`, `"norms"` or `"hessian"`: which `LinearStats` the engine
-    collects) and implements `prune_weight`. Its parameters are a dataclass `options_class` (an
-    `optimum_sparse.options.Options`: fields with defaults and help), given as `PruningConfig.method_kwargs` and
-    read as `self.options`. Methods that solve several linears jointly (SparseLLM) override
-    `prune_block`, which receives a `BlockJob` from the engine. Methods that do not work block by block (ELSA trains
-    the whole model) override `prune_model`.
+    The pruner reads the flags (`whole_model`, `per_linear`, `structured`) to choose the run; nothing checks which
+    methods a class overrides. `PruningMethod` (weights pruned in place, unstructured or N:M) and `StructuredMethod`
+    (groups removed, the model shrinks) are the two kinds; each has only the interface its runs call.
     """
 
     name: ClassVar[str] = ""
     stats: ClassVar[str] = "hessian"
     options_class: ClassVar[type[Options]] = NoOptions  # the method's parameters (`method_kwargs`)
-    column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
     # Capabilities, read by the pruner and the allocators (never decided by looking at which methods a class overrides):
     # `whole_model`: `prune_model` runs on the whole model and gets every calibration window, splitting them across
     # processes itself (ELSA); otherwise the pruner hands each rank its own shard and the engine prunes block by block.
@@ -63,6 +59,31 @@ class PruningMethod(WithOptions):
     def validate_config(cls, config: "PruningConfig") -> None:
         """Raises `ValueError` for settings this method does not support (and bad `method_kwargs`, through
         `check_options`). Called by `PruningConfig`."""
+        cls.check_options(config)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.stats != "none"
+
+
+class PruningMethod(Method):
+    """Base class of the methods that prune weights in place (unstructured or N:M): tensor math only, no hooks,
+    devices or models.
+
+    A subclass sets `name`, its capability flags (`whole_model`, `per_linear`, `column_blocks`) and `stats` (`"none"`,
+    `"norms"` or `"hessian"`: which `LinearStats` the engine collects) and implements `prune_weight`. Its parameters
+    are a dataclass `options_class` (an `optimum_sparse.options.Options`: fields with defaults and help), given as
+    `PruningConfig.method_kwargs` and read as `self.options`. Methods that solve several linears jointly (SparseLLM)
+    override `prune_block`, which receives a `BlockJob` from the engine. Methods that do not work block by block
+    (ELSA trains the whole model) override `prune_model`.
+    """
+
+    column_blocks: ClassVar[bool] = False  # solves `config.block_size`-column blocks (the SparseGPT solver)
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        """Raises `ValueError` for settings this method does not support (and bad `method_kwargs`, through
+        `check_options`). Called by `PruningConfig`."""
         if config.is_structured:
             structured = sorted(n for n, c in _REGISTRY.items() if c.structured)
             raise ValueError(f"PruningConfig.structure={config.structure!r} needs a structured method {structured}; "
@@ -82,10 +103,6 @@ class PruningMethod(WithOptions):
         from .masks import layer_nm
 
         return layer_nm(self.config.nm, sparsity)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.stats != "none"
 
     def fallback_solver(self) -> "PruningMethod":
         """The solver of an under-calibrated expert whose fallback is `"magnitude"` (the engine asks; it never imports
@@ -131,7 +148,7 @@ class PruningMethod(WithOptions):
         return run_sequential(model, self, self.config, input_ids, sparsity_for, progress, checkpoint)
 
 
-def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under `cls.name`; a name taken by another class is refused."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name`.")
@@ -143,7 +160,7 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
-def get_method_class(name: str) -> type[PruningMethod]:
+def get_method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise ValueError(f"Unknown pruning method {name!r}; available: {sorted(_REGISTRY)}.")
     return _REGISTRY[name]

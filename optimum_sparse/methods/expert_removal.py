@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..options import Options, option
-from .base import PruningMethod, register_method
+from .base import Method, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -45,7 +45,7 @@ class ExpertRemovalOptions(Options):
 
 
 @register_method
-class ExpertRemoval(PruningMethod):
+class ExpertRemoval(Method):
     """Removes whole experts of every MoE block by a calibration criterion (`ExpertRemovalOptions.criterion`)."""
 
     name = "expert-removal"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import torch
 
 from ..options import Options, option
-from .base import PruningMethod
+from .base import Method
 from .structured_scoring import InputStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +69,7 @@ class StructuredOptions(Options):
             raise ValueError(f"PruningConfig.method_kwargs['max_deviation'] must be in [0, 1], got {deviation!r}.")
 
 
-class StructuredMethod(PruningMethod):
+class StructuredMethod(Method):
     """Base class of the structured methods (`structure` in `"channels"`, `"heads"`, `"channels+heads"`).
 
     Subclasses set `name`, `stats` (`"norms"`: sums and squares only; `"hessian"`: also `Σ x xᵀ`) and
@@ -103,12 +103,6 @@ class StructuredMethod(PruningMethod):
     @property
     def allocation(self) -> str:
         return self.options.allocation or self.default_allocation
-
-    def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - structured methods prune groups
-        raise TypeError(f"{self.name} is a structured method; it prunes through SparsePruner.apply.")
-
-    def prune_block(self, job) -> None:  # pragma: no cover
-        raise TypeError(f"{self.name} is a structured method; it prunes through SparsePruner.apply.")
 
     def allocation_scores(self, kind: str, weight: torch.Tensor, stats: InputStats, width: int, cost: int,
                           reference_energy: float) -> torch.Tensor:
