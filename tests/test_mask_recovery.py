@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from optimum_sparse.engine.experts import find_experts_modules
 from optimum_sparse.integrations import recover_masks
 from optimum_sparse.serialization import load_pruning_record
 from optimum_sparse.serialization.masks import CheckpointSource, short_of_record
@@ -32,14 +33,14 @@ def mixtral(tmp_path_factory):
 
 
 def fused_zeros(model) -> dict:
-    """`{record name: param[e] == 0}` of every expert projection, from the live fused parameters."""
+    """`{record name: param[e] == 0}` of every expert projection, from the live fused parameters (stored layout)."""
     out = {}
-    for i, layer in enumerate(model.model.layers):
-        experts = layer.mlp.experts
-        for projection in ("gate_up_proj", "down_proj"):
-            param = getattr(experts, projection).detach()
-            for e in range(param.shape[0]):
-                out[f"model.layers.{i}.mlp.experts.{e}.{projection}"] = param[e] == 0
+    for i, block in enumerate(model.model.layers):
+        for name, (module, layout) in find_experts_modules(block).items():
+            for projection in layout.projections:
+                param = getattr(module, projection).detach()
+                for e in range(param.shape[0]):
+                    out[f"model.layers.{i}.{name}.{e}.{projection}"] = param[e] == 0
     return out
 
 
@@ -93,6 +94,22 @@ def test_masks_from_every_expert_layout_equal_the_fused_zeros(mixtral, tmp_path,
     for name, zeros in expected.items():
         assert torch.equal(record.masks[name], zeros), name
     assert set(record.masks) == {layer.name for layer in pruner.record.layers}  # attention too, nothing missing
+
+
+@pytest.mark.parametrize("model_type", ["phimoe", "granitemoe", "olmoe", "gpt_oss"])
+def test_other_saved_expert_layouts(model_type, tmp_path):
+    """Phi-MoE (legacy w1/w2/w3), Granite-MoE (`input_linear`/`output_linear`, renamed by transformers' table), OLMoE
+    (split per expert), gpt-oss (fused, transposed): every expert's mask equals the fused parameter's zeros."""
+    model = make_moe(model_type)
+    pruner = _prune(model, "magnitude")
+    pruner.save_pretrained(model, tmp_path, model_card=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "no weight for pruned layer" warning
+        record = load_pruning_record(tmp_path)
+    expected = fused_zeros(model)
+    assert expected and set(record.masks) == {layer.name for layer in pruner.record.layers}
+    for name, zeros in expected.items():
+        assert torch.equal(record.masks[name], zeros), name
 
 
 def test_legacy_names_come_from_transformers_conversion_table(mixtral):
