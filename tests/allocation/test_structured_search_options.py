@@ -99,3 +99,35 @@ def test_config_flags_and_card_agree(tmp_path):
     assert validate_structured_search(typed) == {**OLD_DEFAULTS, "budget": "latency", "latency_repeats": 3}
     assert [["--search-budget", "latency"], ["--search-latency-repeats", "3"]] == [
         a for a in config_to_cli_args(typed) if a[0].startswith("--search")]
+
+
+def test_a_fixed_structured_search_gives_the_weights_of_before():
+    """A tiny structured search (StructPrune, channels+heads, 30%) hashed at commit 512b989, before its settings became
+    a dataclass: the pruned weights and the search's recorded settings are bit for bit the same (one thread)."""
+    import hashlib
+
+    import torch
+
+    from optimum_sparse import SparsePruner
+
+    from ..helpers import make_ids, make_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = make_model("llama")
+        config = PruningConfig(method="structprune", sparsity=0.3, structure="channels+heads", num_samples=8,
+                               seq_len=16, batch_size=4, allocation="search",
+                               allocation_kwargs=dict(generations=2, rounds=1, offspring=4, survivors=2, levels=1))
+        pruner = SparsePruner(config)
+        pruner.apply(model, dataset=make_ids(8, 16), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().float().contiguous().numpy().tobytes())
+    info = {k: v for k, v in pruner.report.allocation["info"].items() if k not in ("seconds", "disk_bytes", "history")}
+    assert info["levels"] == 1 and info["budget"] == "params"
+    h.update(json.dumps(info, sort_keys=True, default=str).encode())
+    assert h.hexdigest() == "24e27fc84776df93e01dbee56495fa7f255677a959e0ae71398e2a8d509066d3"
