@@ -22,7 +22,7 @@ from .masks import layer_mask, layer_nm, nm_mask, num_pruned
 
 __all__ = [
     "ADMMSettings", "PENALTY_SCHEDULES", "PROJECTIONS", "penalty_at", "global_masks", "global_count", "weight_mask",
-    "projection_score", "proximal_term", "z_step", "u_step", "GapStats", "admm_optimizer_class", "ADMMMixin",
+    "projection_score", "sparsity_mask", "proximal_term", "z_step", "u_step", "GapStats", "admm_optimizer_class", "ADMMMixin",
 ]
 
 logger = logging.getLogger(__name__)
