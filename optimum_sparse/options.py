@@ -127,6 +127,12 @@ class WithOptions:
     options_owner: ClassVar[str] = "method {!r}"  # how messages name the owner, formatted with `name`
 
     @classmethod
+    def option_classes(cls) -> tuple:
+        """Every options class this method or allocator takes, by kind of run (the CLI makes flags of them all);
+        `options_from_config` picks the one of a config."""
+        return (cls.options_class,)
+
+    @classmethod
     def options_from_config(cls, config: Any) -> Options:
         """`options_class` from the config's dict (or dataclass); unknown keys raise `ValueError`."""
         return cls.options_class.from_kwargs(getattr(config, cls.options_field), cls.options_owner.format(cls.name))

@@ -91,14 +91,31 @@ class OptionFlag:
 
 
 def option_flags() -> list[OptionFlag]:
-    """Every option flag: each scalar field of each registered method's and allocator's options."""
+    """Every option flag: each scalar field of each registered method's and allocator's options.
+
+    An owner with several options classes by kind of run (the search: `SearchOptions`, `StructuredSearchOptions`)
+    gets one flag per key; where the classes' help or defaults differ, the help names each (`default: 0.05;
+    structured search: 0.1`)."""
     out = []
     for kwargs_field, (_, get, available) in _KWARGS.items():
         for owner in available():
-            for field in get(owner).options_class.fields():
-                kind = _scalar(field.type)
-                if field.cli and kind is not None:
-                    out.append(OptionFlag(kwargs_field, owner, field, kind))
+            flags: dict = {}
+            for options_class in get(owner).option_classes():
+                for field in options_class.fields():
+                    kind = _scalar(field.type)
+                    if not field.cli or kind is None:
+                        continue
+                    if field.key not in flags:
+                        flags[field.key] = OptionFlag(kwargs_field, owner, field, kind)
+                        continue
+                    first = flags[field.key].field
+                    help = first.help
+                    if field.help != first.help:
+                        help += f" {options_class.label.capitalize()}: {field.help}"
+                    if field.default != first.default:
+                        help += f" (default: {_fmt(first.default)}; {options_class.label}: {_fmt(field.default)})"
+                    flags[field.key] = OptionFlag(kwargs_field, owner, dataclasses.replace(first, help=help), kind)
+            out.extend(flags.values())
     return out
 
 

@@ -74,7 +74,8 @@ def test_allocator_options():
     assert SEARCH_DEFAULTS == search().to_dict() and SEARCH_DEFAULTS["max_sparsity"] == 0.95
     assert PruningConfig(allocation="search", allocation_kwargs=search(generations=3)).allocation_kwargs == {
         "generations": 3}
-    with pytest.raises(ValueError, match="structured search is a dict"):
+    with pytest.raises(ValueError, match="SearchOptions given for allocation='search' with structure='heads', which "
+                                         "takes StructuredSearchOptions"):
         PruningConfig(method="structprune", structure="heads", allocation="search", allocation_kwargs=search())
 
 

@@ -17,7 +17,7 @@ from .base import (Allocation, Allocator, TargetModule, allocation_from_counts, 
 from .nm import fit_nm_steps, nm_allocation, nm_budget
 from .override import OVERRIDE_TOLERANCE, apply_override, check_nm_override, check_override_names, load_layer_sparsity
 from .owl import OWLAllocator
-from .search import SEARCH_DEFAULTS, SearchAllocator, search_allocation
+from .search import SEARCH_DEFAULTS, SearchAllocator, SearchOptions, StructuredSearchOptions, search_allocation
 from .uniform import UniformAllocator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Allocation", "Allocator", "TargetModule", "allocation_from_counts", "available_allocators", "fit_counts",
     "get_allocator", "register_allocator", "target_modules", "OVERRIDE_TOLERANCE", "apply_override",
-    "load_layer_sparsity", "OWLAllocator", "SEARCH_DEFAULTS", "SearchAllocator", "search_allocation",
+    "load_layer_sparsity", "OWLAllocator", "SEARCH_DEFAULTS", "SearchAllocator", "SearchOptions",
+    "StructuredSearchOptions", "search_allocation",
     "UniformAllocator", "validate_allocation", "allocation_needs_calibration", "allocate", "fit_nm_steps",
     "nm_allocation", "nm_budget", "check_nm_override",
 ]
@@ -47,10 +48,6 @@ def validate_allocation(config: "PruningConfig") -> None:
         raise ValueError(f"PruningConfig.allocation must be one of {available_allocators()}, got {config.allocation!r}.")
     cls = get_allocator(config.allocation)
     if isinstance(config.allocation_kwargs, Options):  # the dataclass form: kept as the dict of its non-default keys
-        if config.is_structured:
-            raise ValueError("PruningConfig.allocation_kwargs of a structured search is a dict (keys of "
-                             "optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS), not "
-                             f"{type(config.allocation_kwargs).__name__}.")
         config.allocation_kwargs = cls.options_from_config(config).to_kwargs()
     if not isinstance(config.allocation_kwargs, dict):
         raise ValueError(f"PruningConfig.allocation_kwargs must be a dict or the allocator's options dataclass, "

@@ -39,16 +39,23 @@ from .owl import OWLAllocator
 from .supernet import Supernet, SupernetBuilder
 from .uniform import uniform_counts
 
-__all__ = ["SearchAllocator", "SearchOptions", "search_allocation", "SEARCH_DEFAULTS", "mutate"]
+__all__ = ["SearchAllocator", "SearchOptions", "StructuredSearchOptions", "search_allocation", "SEARCH_DEFAULTS",
+           "STRUCTURED_BUDGETS", "STRUCTURED_INITS", "mutate"]
 
 logger = logging.getLogger(__name__)
 
-@dataclass
-class SearchOptions(Options):
-    """`allocation_kwargs` of `allocation="search"` (unstructured and N:M runs; structured runs take
-    `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`)."""
+STRUCTURED_INITS = ("uniform", "method", "threshold", "softmax")  # start rules of the structured search
+STRUCTURED_BUDGETS = ("params", "latency")  # what every structured candidate keeps equal to the start allocation
 
-    label = "search"
+# Structured runs search their own genes (heads/channels); their settings check lives with that search
+# (`optimum_sparse.structured.search`), which registers it here on import (structured sits above allocation).
+_STRUCTURED_SEARCH_CHECK = None
+
+
+@dataclass
+class _EvolutionOptions(Options):
+    """The settings both searches share (unstructured/N:M per-linear genes, structured heads/channels genes)."""
+
     kind = "allocation_kwargs"
 
     init: str = option("uniform", "Starting distribution: 'uniform' or 'owl' (OWL's, with its default M and lambda).")
@@ -71,11 +78,47 @@ class SearchOptions(Options):
     state_dir: Optional[str] = option(None, "Folder of the resumable state (default: a temporary folder, no resume).")
     keep_supernet: bool = option(False, "Keep the variant files when the search ends.")
 
+
+@dataclass
+class SearchOptions(_EvolutionOptions):
+    """`allocation_kwargs` of `allocation="search"` (unstructured and N:M runs; structured runs take
+    `StructuredSearchOptions`)."""
+
+    label = "search"
+
     def check(self, config) -> None:
         _validate(config, self.to_dict())
 
 
-SEARCH_DEFAULTS = SearchOptions.defaults()  # {key: default}, also the base of the structured search's settings
+@dataclass
+class StructuredSearchOptions(_EvolutionOptions):
+    """`allocation_kwargs` of `allocation="search"` in a structured run (heads/channels kept per block,
+    `optimum_sparse.structured.search`): the settings of `SearchOptions` with other defaults for `init`, `step` and
+    `max_sparsity`, and the budget kind. Under `uniform_shapes=True` only `fitness`, `kl_topk`, `hidden_weight`,
+    `search_samples` and `search_batch_size` apply (the others are refused)."""
+
+    label = "structured search"
+
+    init: str = option("uniform", "Starting allocation: 'uniform', 'method' (the method's own rule), 'threshold' or "
+                                  "'softmax'.")
+    step: float = option(0.1, "First-round step, as a fraction of each module's groups (whole steps of one KV group "
+                              "or multiple_of channels); halved every round.")
+    max_sparsity: float = option(1.0, "Upper bound of every module's removed fraction of groups (a module always "
+                                      "keeps one step).")
+    budget: str = option("params", "Structured runs: 'params' (each candidate removes the start allocation's parameters) or 'latency' "
+                                   "(summed module latency at most the start allocation's).", choices=STRUCTURED_BUDGETS)
+    latency_table: Optional[str] = option(None, "Structured runs: JSON file of given module times for budget='latency' "
+                                                "(in Python also a dict); default: measured.")
+    latency_repeats: int = option(5, "Structured runs: timed runs per latency measurement (the median is kept).")
+
+    def check(self, config) -> None:
+        super().check(config)  # choices
+        if _STRUCTURED_SEARCH_CHECK is None:
+            raise RuntimeError("The structured search check is not registered: import optimum_sparse.")
+        _STRUCTURED_SEARCH_CHECK(self, config)
+
+
+SEARCH_DEFAULTS = SearchOptions.defaults()  # {key: default}
 
 
 def _validate(config, kw: dict) -> dict:
@@ -204,34 +247,32 @@ def search_allocation(model, modules, method: PruningMethod, config, input_ids: 
                                   m=config.nm[1] if config.nm else None)
 
 
-# Structured runs search their own genes (heads/channels); their settings check lives with that search
-# (`optimum_sparse.structured.search`), which registers it here on import (structured sits above allocation).
-_STRUCTURED_SEARCH_CHECK = None
-
-
 def register_structured_search_check(check) -> None:
-    """Sets the check of `allocation_kwargs` of a structured `allocation="search"` run."""
+    """Sets the check of a structured `allocation="search"` run's settings: `check(options, config)`, raising
+    `ValueError` (`StructuredSearchOptions.check` calls it)."""
     global _STRUCTURED_SEARCH_CHECK
     _STRUCTURED_SEARCH_CHECK = check
 
 
 @register_allocator
 class SearchAllocator(Allocator):
-    """Týr-style evolutionary search; `allocation_kwargs` as in `SEARCH_DEFAULTS` (structured runs:
-    `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`, run by `run_structured`, not by `allocate`)."""
+    """Týr-style evolutionary search; `allocation_kwargs`: `SearchOptions` (structured runs: `StructuredSearchOptions`,
+    run by `run_structured`, not by `allocate`)."""
 
     name = "search"
     needs_calibration = True
     options_class = SearchOptions
 
     @classmethod
-    def validate_kwargs(cls, config):
+    def option_classes(cls) -> tuple:
+        return (SearchOptions, StructuredSearchOptions)
+
+    @classmethod
+    def options_from_config(cls, config):
         if config.is_structured:  # heads/channels: its own genes and settings (optimum_sparse.structured.search)
-            if _STRUCTURED_SEARCH_CHECK is None:
-                raise RuntimeError("The structured search check is not registered: import optimum_sparse.")
-            _STRUCTURED_SEARCH_CHECK(config)
-            return
-        super().validate_kwargs(config)
+            return StructuredSearchOptions.from_kwargs(
+                config.allocation_kwargs, f"allocation='search' with structure={config.structure!r}")
+        return super().options_from_config(config)
 
     def allocate(self, model, modules, method, input_ids, progress=True):
         return search_allocation(model, modules, method, self.config, input_ids, progress)

@@ -34,7 +34,8 @@ from ..engine.block import LayerReport
 from ..engine.devices import execution_device, solve_device
 from ..engine.experts import ExpertLinear
 from ..engine.sequential import PruningReport, check_targets
-from .admm import ADMMMixin, ADMMSettings, admm_optimizer_class
+from .admm import ADMMSettings
+from .admm_optimizer import ADMMMixin, admm_optimizer_class
 from .base import get_method_class, warm_start_config
 from .elsa import elsa_options
 

@@ -6,15 +6,14 @@ import json
 import logging
 import os
 import types
-import warnings
 from typing import Any, Callable, Optional, Union
 
-import torch
 import torch.nn as nn
 
 from ..config import CONFIG_NAME
 from .atomic import atomic_directory
 from .destination import check_output_dir
+from .masks import load_masks as masks_from_files
 from .record import (
     RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config, checkpoint_sparsity,
 )
@@ -152,81 +151,6 @@ def check_pruned_folder(folder: Union[str, os.PathLike]) -> PruningRecord:
     return record
 
 
-def _weight_files(folder: str) -> dict[str, str]:
-    """`{tensor name: safetensors file}` for a single-file or sharded checkpoint."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-        with safe_open(os.path.join(folder, file), "pt") as handle:
-            out.update({k: os.path.join(folder, file) for k in handle.keys()})
-    return out
-
-
-def _expert_mask(files: dict, name: str) -> Optional[torch.Tensor]:
-    """The zeros of expert projection `<experts>.<e>.<proj>`: saved fused (`<experts>.<proj>`, slice `e`, stored
-    layout) or split per expert by transformers' conversion (`<experts>.<e>.gate_proj/up_proj/down_proj.weight`,
-    `gate_up_proj` as `[gate; up]`)."""
-    from safetensors import safe_open
-
-    head, index, projection = (name.rsplit(".", 2) + ["", ""])[:3]
-    if not index.isdigit():
-        return None
-    fused = f"{head}.{projection}"
-    split = {"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)}
-    if fused in files:
-        with safe_open(files[fused], "pt") as handle:
-            return handle.get_slice(fused)[int(index)] == 0
-    keys = [f"{head}.{index}.{part}.weight" for part in split.get(projection, ())]
-    if keys and all(k in files for k in keys):
-        parts = []
-        for k in keys:
-            with safe_open(files[k], "pt") as handle:
-                parts.append(handle.get_tensor(k) == 0)
-        return torch.cat(parts, dim=0)
-    return None
-
-
-def _load_masks(folder: str, record: PruningRecord) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = _weight_files(folder)
-    wanted: dict[str, dict[str, str]] = {}
-    expert_masks = {}
-    for layer in record.layers:
-        if f"{layer.name}.weight" not in files:
-            mask = _expert_mask(files, layer.name)  # a fused expert projection (`...experts.7.gate_up_proj`)
-            if mask is not None:
-                expert_masks[layer.name] = mask
-                continue
-        key = f"{layer.name}.weight"
-        if key not in files:  # checkpoint keys may carry a different prefix than module names
-            candidates = [k for k in files if k.endswith("." + key) or key.endswith("." + k)]
-            key = candidates[0] if len(candidates) == 1 else None
-        if key is None:
-            warnings.warn(f"No weight for pruned layer {layer.name} in {folder}; its mask is not recovered.")
-            continue
-        wanted.setdefault(files[key], {})[layer.name] = key
-    masks = dict(expert_masks)
-    for file, names in wanted.items():
-        with safe_open(file, "pt") as handle:
-            for name, key in names.items():
-                masks[name] = handle.get_tensor(key) == 0
-    for layer in record.layers:
-        mask = masks.get(layer.name)
-        if mask is None:
-            continue
-        measured = float(mask.float().mean())
-        if measured + 1.0 / mask.numel() < layer.sparsity:
-            warnings.warn(f"{layer.name}: {measured:.4f} of the saved weights are zero, fewer than the recorded "
-                          f"sparsity {layer.sparsity:.4f} (were the weights changed after pruning?).")
-    return masks
-
-
 def load_sparsity_config(path: Union[str, os.PathLike], **hub_kwargs) -> dict:
     """Reads `sparsity_config.json` (compressed-tensors key names plus per-layer `layers`) from a folder or Hub repo.
 
@@ -248,7 +172,9 @@ def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, 
         path: a folder written by `SparsePruner.save_pretrained` (or `model.save_pretrained` after pruning), or a Hub
             repo id (downloaded with `snapshot_download(**hub_kwargs)`).
         load_masks: read the pruned layers' weights and set `record.masks[name] = (weight == 0)` (from the files,
-            no model built; `integrations.recover_masks(model, record)` checks them against a loaded model).
+            no model built, experts saved fused or per expert; `serialization.masks`, whose `recover_masks(model,
+            record)` checks them against a loaded model). A layer without a saved weight, or with fewer zeros than
+            recorded, is warned about.
 
     Returns:
         `PruningRecord`, with `masks` when `load_masks`.
@@ -266,7 +192,7 @@ def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, 
     folder = _resolve_folder(path, load_masks, **hub_kwargs)
     record = check_pruned_folder(folder)
     if load_masks:
-        record.masks = _load_masks(folder, record)
+        record.masks = masks_from_files(folder, record)
     return record
 
 

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..allocation.search import STRUCTURED_BUDGETS
 from ..engine.devices import solve_device
 from ..engine.linears import in_features
 from ..utils import atomic_write_text
@@ -34,7 +35,7 @@ __all__ = ["LatencyTable", "load_latency_table", "check_latency_table", "time_mo
 
 logger = logging.getLogger(__name__)
 
-BUDGETS = ("params", "latency")
+BUDGETS = STRUCTURED_BUDGETS  # the structured search's budget kinds (`StructuredSearchOptions.budget`)
 
 
 def load_latency_table(value: Union[None, str, dict]) -> Optional[dict]:

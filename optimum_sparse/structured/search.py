@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Iterator, Optional
 import torch
 
 from ..allocation.evolution import EvolutionarySearch, check_search_kwargs, run_search, search_info
-from ..allocation.search import SEARCH_DEFAULTS, register_structured_search_check
+from ..allocation.base import get_allocator
+from ..allocation.search import STRUCTURED_INITS, StructuredSearchOptions, register_structured_search_check
 from ..allocation.supernet import Supernet
 from ..engine.block import BlockJob
 from ..engine.devices import solve_device
@@ -45,7 +46,7 @@ from ..engine.sequential import capture_inputs, walk_blocks
 from ..engine.linears import read_weight, write_weight
 from ..allocation.structured import allocate, allocation_record
 from .base import GroupDecision
-from .latency import BUDGETS, LatencyTable, load_latency_table
+from .latency import LatencyTable, load_latency_table
 from .scoring import expand_groups
 
 
@@ -58,45 +59,43 @@ __all__ = ["STRUCTURED_SEARCH_DEFAULTS", "STRUCTURED_INITS", "StructuredSupernet
 
 logger = logging.getLogger(__name__)
 
-STRUCTURED_INITS = ("uniform", "method", "threshold", "softmax")
-
-# The unstructured settings, with these differences: `init` is "uniform" (the uniform structured rule), "method" (the
-# method's own rule: method_kwargs["allocation"] or its default, e.g. StructPrune's softmax), "threshold" or
-# "softmax"; `step` is a fraction of each module's groups, rounded to whole steps (at least one KV group or
-# `multiple_of` channels); `min_sparsity`/`max_sparsity` bound each module's removed fraction of groups (the module
-# always keeps at least one step; a start allocation outside the bounds is kept, the search does not move further out).
-# `budget`: "params" (every move keeps the removed parameters of the start allocation) or "latency" (every candidate's
-# summed module latency at most the start allocation's; moves may trade heads against channels), with
-# `latency_table` (given times instead of measuring) and `latency_repeats` (timed runs per measurement).
-STRUCTURED_SEARCH_DEFAULTS = {**SEARCH_DEFAULTS, "step": 0.1, "max_sparsity": 1.0, "budget": "params",
-                              "latency_table": None, "latency_repeats": 5}
+# The settings (`StructuredSearchOptions`) are the unstructured search's, with these differences: `init` is "uniform"
+# (the uniform structured rule), "method" (the method's own rule: method_kwargs["allocation"] or its default, e.g.
+# StructPrune's softmax), "threshold" or "softmax"; `step` is a fraction of each module's groups, rounded to whole steps
+# (at least one KV group or `multiple_of` channels); `min_sparsity`/`max_sparsity` bound each module's removed fraction
+# of groups (the module always keeps at least one step; a start allocation outside the bounds is kept, the search does
+# not move further out). `budget`: "params" (every move keeps the removed parameters of the start allocation) or
+# "latency" (every candidate's summed module latency at most the start allocation's; moves may trade heads against
+# channels), with `latency_table` (given times instead of measuring) and `latency_repeats` (timed runs per measurement).
+STRUCTURED_SEARCH_DEFAULTS = StructuredSearchOptions.defaults()
 
 
-def validate_structured_search(config) -> dict:
-    """The search settings of a structured run (`allocation_kwargs` over `STRUCTURED_SEARCH_DEFAULTS`).
-
-    Raises:
-        ValueError: an unknown key or an invalid value, named with the allowed values.
-    """
-    unknown = sorted(set(config.allocation_kwargs) - set(STRUCTURED_SEARCH_DEFAULTS))
-    if unknown:
-        raise ValueError(f"PruningConfig.allocation_kwargs: unknown keys {unknown} for allocation='search' with "
-                         f"structure={config.structure!r}; allowed: {sorted(STRUCTURED_SEARCH_DEFAULTS)}.")
+def _check_structured_search(options: StructuredSearchOptions, config) -> None:
+    """The range and cross-field checks of a structured search's settings (`StructuredSearchOptions.check`)."""
     if getattr(config, "uniform_shapes", False):  # the heads/channels split search (structured.uniform_search)
         from .uniform_search import check_uniform_search_kwargs
 
         check_uniform_search_kwargs(config)
-    kw = {**STRUCTURED_SEARCH_DEFAULTS, **config.allocation_kwargs}
+    kw = options.to_dict()
     check_search_kwargs(kw, STRUCTURED_INITS, config.sparsity, max_below_one=False)
-    if kw["budget"] not in BUDGETS:
-        raise ValueError(f"PruningConfig.allocation_kwargs['budget'] must be one of {list(BUDGETS)}, got {kw['budget']!r}.")
     if kw["budget"] != "latency" and kw["latency_table"] is not None:
         raise ValueError("PruningConfig.allocation_kwargs['latency_table'] needs budget='latency'.")
     load_latency_table(kw["latency_table"])  # format checks; module names and counts are checked against the model
     repeats = kw["latency_repeats"]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"PruningConfig.allocation_kwargs['latency_repeats'] must be a positive integer, got {repeats!r}.")
-    return kw
+
+
+def validate_structured_search(config) -> dict:
+    """The search settings of a structured run: `StructuredSearchOptions` of `config.allocation_kwargs` (a dict of its
+    keys), checked, as the dict of every key (the form `self.kw` of the search reads).
+
+    Raises:
+        ValueError: an unknown key or an invalid value, named with the allowed values.
+    """
+    options = get_allocator("search").options_from_config(config)
+    options.check(config)
+    return options.to_dict()
 
 
 class StructuredSupernet(Supernet):
@@ -398,4 +397,4 @@ def structured_search(model, plan: "StructuredPlan", method, config, input_ids: 
     return allocation_record("search", plan, config.sparsity, kept, info, start=start)
 
 
-register_structured_search_check(validate_structured_search)
+register_structured_search_check(_check_structured_search)

@@ -8,8 +8,8 @@ block on propagated activations) and scores it against the dense model (`allocat
 next-token distribution and/or block-output distance, on the first `search_samples` calibration windows). The
 best-scoring split is returned; the model itself is pruned afterwards by `run_structured`.
 
-Settings (`allocation_kwargs`): `fitness`, `kl_topk`, `hidden_weight`, `search_samples`, `search_batch_size`, as in
-the search; the evolutionary settings do not apply and are refused.
+Settings (`allocation_kwargs`, `StructuredSearchOptions`): `fitness`, `kl_topk`, `hidden_weight`, `search_samples`,
+`search_batch_size`, as in the search; the evolutionary settings do not apply and are refused.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..allocation.scoring import Scorer
-from ..allocation.search import SEARCH_DEFAULTS
+from ..allocation.search import StructuredSearchOptions
 from ..allocation.structured import allocation_record
 from ..engine.sequential import capture_inputs
 from ..engine.sequential import PruningReport
@@ -40,11 +40,12 @@ UNIFORM_SEARCH_KEYS = ("fitness", "kl_topk", "hidden_weight", "search_samples", 
 
 
 def check_uniform_search_kwargs(config) -> dict:
+    """The `StructuredSearchOptions` of `config` as a dict, refusing the keys that do not apply to this search."""
     unknown = sorted(set(config.allocation_kwargs) - set(UNIFORM_SEARCH_KEYS))
     if unknown:
         raise ValueError(f"PruningConfig.allocation_kwargs: {unknown} do not apply to allocation='search' with "
                          f"uniform_shapes=True (it tries every heads/channels split); allowed: {list(UNIFORM_SEARCH_KEYS)}.")
-    return {**SEARCH_DEFAULTS, **config.allocation_kwargs}
+    return StructuredSearchOptions.from_kwargs(config.allocation_kwargs, "allocation='search'").to_dict()
 
 
 def split_candidates(modules: list, sparsity: float) -> list[list[int]]:
