@@ -214,3 +214,15 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def num_zeros(module: nn.Module) -> int:
     return int((module.weight == 0).sum())
+
+
+PINNED_PLATFORM = ("AVX512", "2.13")  # CPU kernel set and torch version the pinned weight hashes were taken with
+
+
+def requires_pinned_platform():
+    """Skips a bit-for-bit (hashed weights) test off the platform its hashes were taken on: another CPU kernel set
+    (AVX2, ARM) or torch version may round float sums differently, which is not a regression of this code."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != PINNED_PLATFORM[0] or not torch.__version__.startswith(PINNED_PLATFORM[1]):
+        pytest.skip(f"weight hashes pinned on {PINNED_PLATFORM[0]} / torch {PINNED_PLATFORM[1]}; this is "
+                    f"{capability} / torch {torch.__version__}")

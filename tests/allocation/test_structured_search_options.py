@@ -110,8 +110,9 @@ def test_a_fixed_structured_search_gives_the_weights_of_before():
 
     from optimum_sparse import SparsePruner
 
-    from ..helpers import make_ids, make_model
+    from ..helpers import make_ids, make_model, requires_pinned_platform
 
+    requires_pinned_platform()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -16,7 +16,7 @@ import torch
 from optimum_sparse import PruningConfig, SparsePruner
 from optimum_sparse.methods.admm import ADMMSettings, admm_optimizer_class
 
-from ..helpers import make_model, sparsity_kwargs
+from ..helpers import make_model, requires_pinned_platform, sparsity_kwargs
 from .test_elsa import FAST, learnable_ids
 
 EXPECTED = {
@@ -29,6 +29,7 @@ EXPECTED = {
 
 @pytest.fixture(autouse=True)
 def one_thread():
+    requires_pinned_platform()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
