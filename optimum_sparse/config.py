@@ -133,7 +133,7 @@ class PruningConfig:
             `method_kwargs["allocation"]`) or `"search"` (kept heads/channels per block searched, docs/structured.md).
         allocation_kwargs (`dict` or the allocator's `Options` dataclass, defaults to `{}`):
             Allocator parameters (`get_allocator(allocation).options_class`): OWL's `M` and `lambda`; the search's settings (`optimum_sparse.allocation.SEARCH_DEFAULTS`;
-            structured runs: `optimum_sparse.structured.search.STRUCTURED_SEARCH_DEFAULTS`, with `budget="latency"`).
+            structured runs: `optimum_sparse.allocation.search.StructuredSearchOptions`, with `budget="latency"`).
         layer_sparsity (`dict` or `str`, *optional*):
             Per-layer override, `{full module name: sparsity}` or the path of a JSON file holding one; unlisted layers
             share the rest of the budget (N:M: multiples of `1/M`). Loaded into a dict on construction.
