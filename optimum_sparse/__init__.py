@@ -6,7 +6,7 @@ from . import allocation as _allocation  # registers the allocation check of Pru
 from . import hub as _hub  # registers the model-card writer of the save path
 from .structured import search as _structured_search  # registers the structured search check
 from .config import PruningConfig
-from .engine import PruningReport
+from .report import PruningRecord, PruningReport
 from .errors import (
     CalibrationError, CheckpointMismatchError, DeviceUnavailableError, MetaTensorError, NonFiniteActivationError,
     NonFiniteWeightError, OptimumSparseError, OutputPathError, QuantizedWeightError, UnsupportedModelError,
@@ -32,7 +32,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "PruningConfig", "SparsePruner", "PruningReport", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
+    "PruningConfig", "SparsePruner", "PruningReport", "PruningRecord", "UnsupportedModelError", "CalibrationError", "CheckpointMismatchError",
     "OptimumSparseError", "NonFiniteWeightError", "NonFiniteActivationError", "QuantizedWeightError", "MetaTensorError",
     "DeviceUnavailableError", "OutputPathError",
     "evaluate_perplexity", "evaluate_tasks", "available_methods", "register_method", "load_model_and_tokenizer", "__version__",

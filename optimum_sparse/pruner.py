@@ -15,11 +15,12 @@ from .data.calibration import get_calibration_ids
 from .engine.checkpoint import RunCheckpoint, run_fingerprint
 from .engine.distributed import shard_rows, world
 from .engine.inventory import build_inventory
-from .engine.sequential import PruningReport, check_targets
+from .engine.sequential import check_targets
+from .report import PruningReport
 from .engine.validation import linear_targets, validate_run
 from .methods import get_method_class
 from .serialization import RECORD_NAME
-from .serialization import (SPARSITY_CONFIG_NAME, PruningRecord, attach_pruning_record, attached_tokenizer,
+from .serialization import (SPARSITY_CONFIG_NAME, PruningReport, attach_pruning_record, attached_tokenizer,
                             build_sparsity_config)
 
 __all__ = ["SparsePruner", "SPARSITY_CONFIG_NAME", "RECORD_NAME", "REPORT_NAME"]
@@ -81,7 +82,7 @@ class SparsePruner:
         self.method = get_method_class(config.method)(config)
         self.report: Optional[PruningReport] = None
         self.allocation = None  # the layer-wise `Allocation` of the last run (None for plain uniform pruning)
-        self.record: Optional[PruningRecord] = None
+        self.record: Optional[PruningReport] = None
         self.tokenizer: Any = None  # the tokenizer passed to `apply`, the default of save_pretrained / push_to_hub
         self.structured_summary: Optional[dict] = None  # structured runs: achieved sizes and fractions
 
@@ -192,7 +193,8 @@ class SparsePruner:
                         100 * self.report.inventory["pruned_share"], len(self.report.inventory["skipped"]),
                         self.report.inventory["skipped_reasons"])
         model.pruning_config = self.config
-        self.record = PruningRecord.from_run(self.config, self.report, dataset, input_ids, model)
+        self.record = PruningReport.from_run(self.config, self.report, dataset, input_ids, model)
+        self.report = self.record  # one object: what the engine did plus the run (config, calibration, base model)
         self.tokenizer = tokenizer
         if attach:  # model.save_pretrained now writes the record too (serialization.PrunedSavePretrained)
             attach_pruning_record(model, self.record, tokenizer)
@@ -218,7 +220,7 @@ class SparsePruner:
         """The tokenizer passed to `apply` (by this pruner, or the one kept by the model's `save_pretrained`)."""
         return self.tokenizer if self.tokenizer is not None else attached_tokenizer(model)
 
-    def _record_for(self, model: Optional[nn.Module] = None) -> PruningRecord:
+    def _record_for(self, model: Optional[nn.Module] = None) -> PruningReport:
         record = self.record or getattr(model, "pruning_record", None)
         if record is None:
             raise RuntimeError("Call apply() before saving, pushing or recording perplexity.")

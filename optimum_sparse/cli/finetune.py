@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _pruning_record(folder: str) -> Any:
-    """The pruning record of a saved pruned folder: serialization's `PruningRecord` or the sidecar's dict."""
+    """The pruning record of a saved pruned folder: serialization's `PruningReport` or the sidecar's dict."""
     if not os.path.isdir(folder):
         return None
     try:
@@ -121,10 +121,11 @@ def _fallback_card(info: dict) -> str:
 def _save(model, tokenizer, record: Any, source: str, output: str, info: dict) -> None:
     """Saves the merged model with its record and card, atomically (temporary sibling folder, then swap)."""
     try:
-        from ..serialization import PruningRecord, atomic_directory, save_pruned_model
+        from ..report import PruningReport
+        from ..serialization import atomic_directory, save_pruned_model
     except ImportError:  # pragma: no cover
-        PruningRecord = atomic_directory = save_pruned_model = None
-    if atomic_directory is not None and isinstance(record, PruningRecord):
+        PruningReport = atomic_directory = save_pruned_model = None
+    if atomic_directory is not None and isinstance(record, PruningReport):
         with atomic_directory(output) as tmp:
             try:
                 save_pruned_model(model, tmp, record, tokenizer=tokenizer, card_kwargs={"extra_tags": ["lora", "peft"]})

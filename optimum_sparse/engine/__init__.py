@@ -1,5 +1,6 @@
 from .architectures import ARCHITECTURES, ArchitectureSpec, MLPSpec, UnsupportedModelError, find_blocks, get_architecture
-from .block import BlockJob, LayerReport
+from ..report import LayerReport
+from .block import BlockJob
 from .checkpoint import CheckpointMismatchError, RunCheckpoint
 from .sequential import PruningReport, check_targets, run_sequential
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
 from ..errors import NonFiniteActivationError
+from ..report import LayerReport
 from .distributed import all_reduce_scalar, all_reduce_sum
 from .stats import LinearStats
 from .architectures import ArchitectureSpec
@@ -31,24 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["BlockJob", "LayerReport"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    """What happened to one linear layer."""
-
-    name: str
-    shape: tuple
-    sparsity: float
-    relative_error: Optional[float] = None
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        out = {"name": self.name, "shape": list(self.shape), "sparsity": self.sparsity}
-        if self.relative_error is not None:
-            out["relative_error"] = self.relative_error
-        out.update(self.extra)
-        return out
 
 
 def _first(output):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -13,7 +12,8 @@ from tqdm.auto import tqdm
 
 from ..utils import matches_any, show_progress
 from .architectures import ArchitectureSpec, find_blocks, get_architecture
-from .block import BlockJob, LayerReport
+from ..report import PruningReport
+from .block import BlockJob
 from .capture import BlockInputs, block_kinds, capture_block_inputs
 from .devices import onload_block, solve_device
 from .experts import ExpertLinear, expert_handles, is_router, table_name
@@ -27,47 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PruningReport", "find_target_linears", "check_targets", "capture_inputs", "walk_blocks", "run_sequential"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PruningReport:
-    """What a pruning run did: per-layer sparsity and error, per-block diagnostics, run-level diagnostics (e.g.
-    ELSA's training history), timing, and the inventory of the decoder blocks' parameters (`engine.inventory`): the
-    sparsity measured on the weights over every target matrix, the share of the model's parameters pruned, and every
-    skipped parameter by name with its reason.
-
-    The engine's in-memory result; the pruner wraps it in the persisted `serialization.PruningRecord` (config,
-    calibration, evaluation) that is saved as `pruning_report.json`."""
-
-    method: str
-    layers: list = field(default_factory=list)
-    blocks: list = field(default_factory=list)
-    seconds: float = 0.0
-    allocation: Optional[dict] = None  # `Allocation.to_dict()` when a layer-wise allocation was used
-    diagnostics: dict = field(default_factory=dict)
-    inventory: Optional[dict] = None  # `ParameterInventory.summary()` (SparsePruner.apply, unstructured/N:M runs)
-
-    @property
-    def mean_sparsity(self) -> float:
-        """Fraction of zeros over the pruned matrices: measured on the weights when the run kept an inventory, else
-        the size-weighted mean of the per-layer figures."""
-        if self.inventory is not None and "sparsity" in self.inventory:
-            return self.inventory["sparsity"]
-        total = sum(torch.Size(r.shape).numel() for r in self.layers)
-        zeros = sum(torch.Size(r.shape).numel() * r.sparsity for r in self.layers)
-        return zeros / total if total else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "seconds": self.seconds,
-            "mean_sparsity": self.mean_sparsity,
-            "layers": [r.to_dict() for r in self.layers],
-            "blocks": self.blocks,
-            **({"allocation": self.allocation} if self.allocation is not None else {}),
-            **({"diagnostics": self.diagnostics} if self.diagnostics else {}),
-            **({"inventory": self.inventory} if self.inventory is not None else {}),
-        }
 
 
 def find_target_linears(block: nn.Module, prefix: str, config: "PruningConfig", spec: ArchitectureSpec) -> dict[str, nn.Module]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..serialization import PruningRecord
+    from ..report import PruningReport
 
 __all__ = ["accuracy_fields", "accuracy_eval_results"]
 
@@ -30,7 +30,7 @@ def _value(metrics: Optional[dict], key: str) -> str:
     return f"{metrics[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-def accuracy_fields(record: "PruningRecord") -> dict:
+def accuracy_fields(record: "PruningReport") -> dict:
     """Template fields: `accuracy_rows` (one per task and metric) and `accuracy_text` (how it was measured)."""
     acc = record.accuracy or {}
     rows = []
@@ -56,7 +56,7 @@ def accuracy_fields(record: "PruningRecord") -> dict:
     return {"accuracy_rows": rows, "accuracy_text": text}
 
 
-def accuracy_eval_results(record: "PruningRecord") -> list:
+def accuracy_eval_results(record: "PruningReport") -> list:
     """model-index `EvalResult`s of the pruned model's accuracy (one per task and metric)."""
     from huggingface_hub import EvalResult
 

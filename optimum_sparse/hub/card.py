@@ -15,7 +15,7 @@ from .accuracy_card import accuracy_eval_results, accuracy_fields
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
-    from ..serialization import PruningRecord
+    from ..report import PruningReport
 
 __all__ = ["build_model_card", "write_model_card", "plot_layers", "reproduce_commands", "validate_model_card",
            "TEMPLATE_PATH"]
@@ -77,7 +77,7 @@ def _structure_text(structure: str) -> str:
     return f"{structure} semi-structured ({n} zeros in every {m} consecutive input weights)"
 
 
-def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None) -> tuple[str, str]:
+def reproduce_commands(record: "PruningReport", base_model: Optional[str] = None) -> tuple[str, str]:
     """The `optimum-sparse prune` commands that reproduce the run: with `--config`, and with explicit flags.
 
     `base_model` is the `--model` argument (Hub id, alias or folder); unknown, the commands read `$BASE_MODEL`.
@@ -93,7 +93,7 @@ def reproduce_commands(record: "PruningRecord", base_model: Optional[str] = None
     return with_config, " \\\n  ".join(flags)
 
 
-def _eval_result(record: "PruningRecord", model_name: str):
+def _eval_result(record: "PruningReport", model_name: str):
     from huggingface_hub import EvalResult
 
     ppl = record.perplexity
@@ -117,7 +117,7 @@ def _eval_text(ppl: dict) -> str:
     return f"{name}, non-overlapping {ppl['seq_len']}-token windows{windows} (never the calibration text)"
 
 
-def _calibration_text(record: "PruningRecord") -> str:
+def _calibration_text(record: "PruningReport") -> str:
     cal = record.calibration or {}
     if not cal.get("num_samples"):
         return f"none ({record.method} needs no calibration data)"
@@ -125,7 +125,7 @@ def _calibration_text(record: "PruningRecord") -> str:
             f"(seed {cal.get('seed', record.config.seed)})")
 
 
-def plot_layers(record: "PruningRecord", path: str) -> Optional[str]:
+def plot_layers(record: "PruningReport", path: str) -> Optional[str]:
     """Writes a PNG of per-layer sparsity (bars) and relative reconstruction error (line); None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -163,7 +163,7 @@ def plot_layers(record: "PruningRecord", path: str) -> Optional[str]:
     return path
 
 
-def _allocation_fields(record: "PruningRecord") -> dict:
+def _allocation_fields(record: "PruningReport") -> dict:
     """Template fields describing the layer-wise allocation (uniform when the record has none)."""
     alloc = record.allocation
     if not alloc:
@@ -193,14 +193,14 @@ def _allocation_fields(record: "PruningRecord") -> dict:
     return {"allocation_text": text, "allocation_rows": rows}
 
 
-def build_model_card(record: "PruningRecord", repo_id: Optional[str] = None, base_model: Optional[str] = None,
+def build_model_card(record: "PruningReport", repo_id: Optional[str] = None, base_model: Optional[str] = None,
                      license: Optional[str] = None, plot_file: Optional[str] = None, language=None,
                      global_sparsity: Optional[float] = None, extra_tags: Optional[list] = None,
                      model_arg: Optional[str] = None) -> "ModelCard":
     """Builds the model card of a pruned model.
 
     Args:
-        record: the `PruningRecord` of the run.
+        record: the `PruningReport` of the run.
         repo_id: the repository the card is for (used in the snippets and as `model_name`).
         base_model: the Hub id of the dense model (defaults to `record.base_model`); local paths are ignored.
         license: the license (inherit the base model's).
@@ -312,7 +312,7 @@ def validate_model_card(content: str) -> "ModelCard":
     return card
 
 
-def write_model_card(folder: str, record: "PruningRecord", plot: bool = True, **kwargs) -> "ModelCard":
+def write_model_card(folder: str, record: "PruningReport", plot: bool = True, **kwargs) -> "ModelCard":
     """Writes `README.md` (and the `sparsity_plot.png` it shows) into `folder`; returns the card."""
     from ..serialization.record import CARD_NAME, PLOT_NAME, SPARSITY_CONFIG_NAME
 

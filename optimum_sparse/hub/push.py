@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, HfApi
 
-    from ..serialization import PruningRecord
+    from ..report import PruningReport
 
 __all__ = ["HubPushError", "push_folder", "push_pruned_model", "resolve_endpoint"]
 
@@ -217,7 +217,7 @@ def push_folder(folder: Union[str, os.PathLike], repo_id: str, *, private: Optio
     return info
 
 
-def push_pruned_model(model: Any, repo_id: str, record: "PruningRecord", *, tokenizer: Any = None,
+def push_pruned_model(model: Any, repo_id: str, record: "PruningReport", *, tokenizer: Any = None,
                       save_directory: Optional[Union[str, os.PathLike]] = None, private: Optional[bool] = None,
                       revision: Optional[str] = None, token: Optional[str] = None,
                       commit_message: Optional[str] = None, commit_description: Optional[str] = None,

@@ -22,12 +22,12 @@ from .io import (
     load_pruning_record, load_sparsity_config, register_card_writer, save_pruned_model,
 )
 from .record import (
-    CARD_NAME, PLOT_NAME, RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config,
+    CARD_NAME, PLOT_NAME, RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, PruningReport, build_sparsity_config,
     checkpoint_sparsity, describe_calibration,
 )
 
 __all__ = [
-    "SPARSITY_CONFIG_NAME", "RECORD_NAME", "PLOT_NAME", "CARD_NAME", "PruningRecord", "NotAPrunedModelError",
+    "SPARSITY_CONFIG_NAME", "RECORD_NAME", "PLOT_NAME", "CARD_NAME", "PruningRecord", "PruningReport", "NotAPrunedModelError",
     "describe_calibration", "build_sparsity_config", "checkpoint_sparsity", "atomic_directory", "save_pruned_model",
     "load_pruning_record", "load_sparsity_config", "check_pruned_folder", "attach_pruning_record", "register_card_writer",
     "detach_pruning_record", "attached_tokenizer", "PrunedSavePretrained",

@@ -15,7 +15,7 @@ from .atomic import atomic_directory
 from .destination import check_output_dir
 from .masks import load_masks as masks_from_files
 from .record import (
-    RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningRecord, build_sparsity_config, checkpoint_sparsity,
+    RECORD_NAME, SPARSITY_CONFIG_NAME, NotAPrunedModelError, PruningReport, build_sparsity_config, checkpoint_sparsity,
 )
 
 __all__ = [
@@ -46,7 +46,7 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningRecord,
+def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike], record: PruningReport,
                       tokenizer: Any = None, model_card: bool = True, card_kwargs: Optional[dict] = None,
                       fsync: bool = True, overwrite: bool = False, card_writer: Optional[Callable[..., Any]] = None,
                       **save_kwargs) -> str:
@@ -55,7 +55,7 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
     Args:
         model: the pruned `PreTrainedModel`.
         save_directory: target folder; replaced as a whole once the new content is complete.
-        record: the run's `PruningRecord` (`SparsePruner.record` or `model.pruning_record`).
+        record: the run's `PruningReport` (`SparsePruner.record` or `model.pruning_record`).
         tokenizer: saved beside the model when given.
         model_card: write `README.md` (and `sparsity_plot.png` when matplotlib is installed).
         card_kwargs: extra arguments of `optimum_sparse.hub.card.build_model_card` (`repo_id`, `base_model`,
@@ -69,8 +69,8 @@ def save_pruned_model(model: nn.Module, save_directory: Union[str, os.PathLike],
     Returns:
         The absolute path of the saved folder.
     """
-    if not isinstance(record, PruningRecord):
-        raise TypeError(f"record must be a PruningRecord, got {type(record).__name__}.")
+    if not isinstance(record, PruningReport):
+        raise TypeError(f"record must be a PruningReport, got {type(record).__name__}.")
     for key in ("push_to_hub", "repo_id"):
         if save_kwargs.get(key):
             raise ValueError(f"save_pruned_model does not take {key!r}; push with SparsePruner.push_to_hub.")
@@ -121,7 +121,7 @@ def _resolve_folder(path: Union[str, os.PathLike], load_masks: bool, **hub_kwarg
     return snapshot_download(path, allow_patterns=patterns, **hub_kwargs)
 
 
-def check_pruned_folder(folder: Union[str, os.PathLike]) -> PruningRecord:
+def check_pruned_folder(folder: Union[str, os.PathLike]) -> PruningReport:
     """Checks that `folder` holds a model saved by optimum-sparse; returns its record (without masks).
 
     Raises:
@@ -141,7 +141,7 @@ def check_pruned_folder(folder: Union[str, os.PathLike]) -> PruningRecord:
         )
     try:
         with open(os.path.join(folder, RECORD_NAME), encoding="utf-8") as f:
-            record = PruningRecord.from_dict(json.load(f))
+            record = PruningReport.from_dict(json.load(f))
         with open(os.path.join(folder, SPARSITY_CONFIG_NAME), encoding="utf-8") as f:
             sidecar = json.load(f)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -165,7 +165,7 @@ def load_sparsity_config(path: Union[str, os.PathLike], **hub_kwargs) -> dict:
         return json.load(f)
 
 
-def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, **hub_kwargs) -> PruningRecord:
+def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, **hub_kwargs) -> PruningReport:
     """Reads back the pruning record of a saved pruned model, with its masks recovered from the zeros.
 
     Args:
@@ -177,7 +177,7 @@ def load_pruning_record(path: Union[str, os.PathLike], load_masks: bool = True, 
             recorded, is warned about.
 
     Returns:
-        `PruningRecord`, with `masks` when `load_masks`.
+        `PruningReport`, with `masks` when `load_masks`.
 
     Example:
 
@@ -215,7 +215,7 @@ class PrunedSavePretrained:
 
     __name__ = "save_pretrained"
 
-    def __init__(self, model: nn.Module, record: PruningRecord, tokenizer: Any = None, inner: Any = None):
+    def __init__(self, model: nn.Module, record: PruningReport, tokenizer: Any = None, inner: Any = None):
         self.model, self.record, self.tokenizer = model, record, tokenizer
         self.inner = inner  # another wrapper of this instance's save_pretrained, called for the checkpoint itself
 
@@ -253,7 +253,7 @@ def _plain_save(model: nn.Module):
     return model.__dict__.get("save_pretrained") or types.MethodType(type(model).save_pretrained, model)
 
 
-def attach_pruning_record(model: nn.Module, record: PruningRecord, tokenizer: Any = None) -> PrunedSavePretrained:
+def attach_pruning_record(model: nn.Module, record: PruningReport, tokenizer: Any = None) -> PrunedSavePretrained:
     """Keeps `record` on the model (`model.pruning_record`) and installs `PrunedSavePretrained` as the instance's
     `save_pretrained`, so `model.save_pretrained(folder)` writes the record too (with `tokenizer`). Returns it."""
     model.__dict__["pruning_record"] = record

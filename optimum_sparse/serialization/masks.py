@@ -294,7 +294,7 @@ def read_masks(source: Any, names: Iterable[str]) -> tuple[dict[str, tuple[torch
 # ----- the file path ------------------------------------------------------------------------------------------------
 def load_masks(folder: str, record: Any) -> dict[str, torch.Tensor]:
     """`{pruned layer: weight == 0}` from the safetensors files of `folder` for the layers of `record` (a
-    `PruningRecord`); a layer without a saved weight, or with fewer zeros than recorded, is warned about."""
+    `PruningReport`); a layer without a saved weight, or with fewer zeros than recorded, is warned about."""
     found, missing = read_masks(CheckpointSource(folder), [layer.name for layer in record.layers])
     for name in missing:
         warnings.warn(f"No weight for pruned layer {name} in {folder}; its mask is not recovered.")
@@ -312,7 +312,7 @@ def parse_pruning_record(record: Any) -> Optional[dict]:
     """Normalizes a pruning record to `{"layers": {name: sparsity}, "structure": str, "masks": dict | None}`.
 
     Accepts a folder or file holding `sparsity_config.json`, a dict in that format or a plain `{name: sparsity}`
-    dict, an `optimum_sparse.serialization.PruningRecord` (its `masks` are used when loaded), a `PruningReport`, a
+    dict, an `optimum_sparse.PruningReport` (its `masks` are used when loaded), a
     `SparsePruner`, or `None` (returns `None`).
     """
     if record is None:
@@ -335,7 +335,7 @@ def parse_pruning_record(record: Any) -> Optional[dict]:
         record = record.report
     else:
         structure = None
-    if hasattr(record, "layers") and not isinstance(record, Mapping):  # PruningRecord, PruningReport
+    if hasattr(record, "layers") and not isinstance(record, Mapping):  # PruningReport
         structure = structure or getattr(record, "structure", None) or "unstructured"
         return {"layers": {r.name: float(r.sparsity) for r in record.layers}, "structure": str(structure),
                 "masks": getattr(record, "masks", None)}
@@ -395,7 +395,7 @@ def recover_masks(
 
     Args:
         model: the pruned model (`PreTrainedModel` or `PeftModel`).
-        record: optional pruning record (see `parse_pruning_record`). When it carries masks (a `PruningRecord`
+        record: optional pruning record (see `parse_pruning_record`). When it carries masks (a `PruningReport`
             read with `load_pruning_record(folder, load_masks=True)`), they are used, checked against the weights.
         min_sparsity: the fraction of zeros above which a layer counts as pruned when there is no record.
         modules: restrict the search to these `{name: module}` (names may carry peft prefixes).
