@@ -38,6 +38,7 @@ from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.experts import (
     ExpertsLayout, expert_output, experts_routers, find_experts_modules, layout_count, routed_tokens,
 )
+from ..engine.offload import offload_hook
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
 from .moe_runner import MoECheckpoint, MoEStructure, run_moe_structured
@@ -318,8 +319,11 @@ def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[t
     full = [_moe_output(layer.moe, x, device) for x in inputs]
     energy = all_reduce_scalar(sum(float(y.pow(2).sum()) for y in full))  # several processes: sums over all ranks
 
+    # offloaded blocks: the copies share accelerate's offload storage instead of copying it (they run onloaded)
+    shared = {id(h.weights_map): h.weights_map for h in (offload_hook(m) for m in layer.moe.modules()) if h is not None}
+
     def error(removed: list) -> float:
-        moe = copy.deepcopy(layer.moe)
+        moe = copy.deepcopy(layer.moe, memo=dict(shared))
         clone = MoELayer(layer.index, layer.name, getattr(moe, layer.experts_attr), getattr(moe, layer.router_attr),
                          layer.router_name, moe, layer.num_experts, layer.num_groups, layout=layer.layout)
         keep = torch.tensor([e for e in range(layer.num_experts) if e not in removed])

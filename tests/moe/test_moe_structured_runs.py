@@ -90,6 +90,21 @@ def test_disk_offloaded_blocks_prune_like_in_memory(model_type, structure, tmp_p
     torch.testing.assert_close(_logits(reloaded, ids), _logits(reference, ids), rtol=0, atol=0)
 
 
+def test_reconstruction_criterion_on_offloaded_blocks(tmp_path):
+    kwargs = {"method_kwargs": {"criterion": "reconstruction"}}
+    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    expected = _prune(reference, **kwargs).report
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  "model.layers.0": "disk", "model.layers.1": "disk"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32, device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    pruner = _prune(model, **kwargs)
+    assert pruner.report.blocks == expected.blocks and "reconstruction_path" in expected.blocks[0]
+    ids = make_ids(2, seed=3)
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_cpu_offload_state_dict_storage_gets_the_new_shapes(structure, tmp_path):
     reference = make_moe("qwen2_moe")
@@ -173,8 +188,9 @@ def test_a_checkpoint_of_other_weights_or_settings_is_refused_before_any_change(
 
 
 def _run(structure, out_path):
-    model = make_moe("qwen3_moe" if structure == "experts" else "deepseek_v3")
-    pruner = _prune(model, structure)
+    model = make_moe("deepseek_v3" if structure == "expert-channels" else "qwen3_moe")
+    kwargs = {"method_kwargs": {"criterion": "reconstruction"}} if structure == "reconstruction" else {}
+    pruner = _prune(model, "experts" if structure == "reconstruction" else structure, **kwargs)
     torch.save({"state": model.state_dict(), "blocks": pruner.report.blocks}, out_path)
 
 
@@ -201,7 +217,7 @@ def _close(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("structure", [*STRUCTURES, "reconstruction"])
 def test_two_processes_with_half_the_data_each_equal_one(structure, tmp_path):
     mp.spawn(_worker, args=(1, str(tmp_path / "init1"), str(tmp_path), structure), nprocs=1, join=True)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), structure), nprocs=2, join=True)
