@@ -39,8 +39,7 @@ from ..engine.experts import ExpertLinear, ExpertsLayout, expert_intermediate, r
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
 from .experts import MoELayer, find_moe_layers
-from .moe_runner import MoECheckpoint, MoEStructure, run_moe_structured
-from .shrink import count_parameters
+from .moe_runner import MoECheckpoint, MoEStructure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -399,10 +398,8 @@ class ExpertChannelStructure(MoEStructure):
     diagnostics_key = "expert_channels"
     desc = "Pruning expert channels"
 
-    def __init__(self, model, method, config, plan):
-        super().__init__(model, method, config, plan)
-        self.params_before = count_parameters(model)
-        self.prunable_before = _prunable(plan)
+    def prunable(self) -> int:
+        return _prunable(self.plan)
 
     def collect(self, layer):
         coupled = _coupled_of(self.plan, layer)
@@ -462,34 +459,20 @@ class ExpertChannelStructure(MoEStructure):
                   for p in ("gate_proj", "up_proj", "down_proj")]
         return [*_expert_tensors(layer).values(), *shared]
 
-    def summary(self, report):
-        from .runner import SUMMARY_KEY
+    def config_update(self):
+        return self.plan.width_field, self.plan.keep
 
-        plan, model = self.plan, self.model
-        setattr(model.config, plan.width_field, plan.keep)
-        params_after = count_parameters(model)
+    def details(self, report):
+        plan = self.plan
+        logger.info("Kept %d of %d channels in every expert; left alone: dense blocks %s, %s.", plan.keep, plan.width,
+                    plan.skipped_blocks, plan.skipped_modules or "no shared experts")
         fallback = {b["experts"]: b["magnitude_fallback"] for b in report.blocks
                     if "experts" in b and b["magnitude_fallback"]}
         shared = {b["shared_expert"]: {"channels_before": b["channels_before"], "channels_after": b["channels_after"]}
                   for b in report.blocks if "shared_expert" in b}
-        summary = {
-            "structure": "expert-channels", "method": self.config.method, "criterion": self.method.criterion,
-            "channels_before": plan.width, "channels_after": plan.keep, "removed_per_expert": plan.width - plan.keep,
-            "config_field": plan.width_field, "moe_blocks": [layer.index for layer in plan.layers],
-            "dense_blocks": plan.skipped_blocks, "skipped_modules": plan.skipped_modules,
-            "shared_experts_pruned": shared, "min_expert_tokens": plan.min_tokens, "magnitude_fallback": fallback,
-            "model_params_before": self.params_before, "model_params_after": params_after,
-            "achieved_model_fraction": 1.0 - params_after / self.params_before,
-            # the routed experts' fused tensors and the coupled shared experts' weights: what the pruning acts on
-            "achieved_prunable_fraction": 1.0 - _prunable(plan) / self.prunable_before, "format": "stock",
-            "statistics": "sequential",
-        }
-        setattr(model.config, SUMMARY_KEY, summary)
-        logger.info("Kept %d of %d channels in every expert of %d MoE blocks (%s): %d -> %d parameters (%.2f%% of the "
-                    "model); left alone: dense blocks %s, %s.", plan.keep, plan.width, len(plan.layers),
-                    self.method.criterion, self.params_before, params_after, 100 * summary["achieved_model_fraction"],
-                    plan.skipped_blocks, plan.skipped_modules or "no shared experts")
-        return summary
+        return {"channels_before": plan.width, "channels_after": plan.keep, "removed_per_expert": plan.width - plan.keep,
+                "skipped_modules": plan.skipped_modules, "shared_experts_pruned": shared,
+                "min_expert_tokens": plan.min_tokens, "magnitude_fallback": fallback}
 
 
 def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
@@ -497,6 +480,5 @@ def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input
                         checkpoint: Optional["MoECheckpoint"] = None) -> tuple[PruningReport, dict]:
     """Scores and removes expert channels in place, block by block (`run_moe_structured`); returns `(report, summary)`
     (`summary` is also stored as `model.config.structured_pruning`)."""
-    plan = plan or plan_expert_channels(model, config)
-    return run_moe_structured(model, ExpertChannelStructure(model, method, config, plan), input_ids, progress,
-                              checkpoint)
+    return ExpertChannelStructure.run(model, method, config, input_ids, plan or plan_expert_channels(model, config),
+                                      progress, checkpoint)

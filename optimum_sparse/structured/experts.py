@@ -41,8 +41,7 @@ from ..engine.experts import (
 from ..engine.offload import offload_hook
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
-from .moe_runner import MoECheckpoint, MoEStructure, run_moe_structured
-from .shrink import count_parameters
+from .moe_runner import MoECheckpoint, MoEStructure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -352,12 +351,7 @@ class ExpertRemovalStructure(MoEStructure):
     diagnostics_key = "expert_removal"
     desc = "Removing experts"
 
-    def __init__(self, model, method, config, plan):
-        super().__init__(model, method, config, plan)
-        self.params_before = count_parameters(model)
-        self.prunable_before = self._prunable()
-
-    def _prunable(self) -> int:
+    def prunable(self) -> int:
         return sum(t.numel() for layer in self.plan.layers for _, t in _expert_tensors(self.model, layer))
 
     def collect(self, layer):
@@ -397,28 +391,16 @@ class ExpertRemovalStructure(MoEStructure):
     def tensors(self, layer):
         return [t for _, t in _expert_tensors(self.model, layer)]
 
-    def summary(self, report):
-        from .runner import SUMMARY_KEY
+    def config_update(self):
+        return self.plan.count_field, self.plan.kept
 
-        plan, model = self.plan, self.model
-        setattr(model.config, plan.count_field, plan.kept)
-        params_after = count_parameters(model)
-        removed = {b["experts"]: b["removed_experts"] for b in report.blocks if "removed_experts" in b}
-        summary = {
-            "structure": "experts", "method": self.config.method, "criterion": self.method.criterion,
-            "experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
-            "config_field": plan.count_field, "moe_blocks": [layer.index for layer in plan.layers],
-            "dense_blocks": plan.skipped_blocks, "model_params_before": self.params_before,
-            "model_params_after": params_after, "achieved_model_fraction": 1.0 - params_after / self.params_before,
-            # the experts modules' and routers' tensors: what the removal acts on
-            "achieved_prunable_fraction": 1.0 - self._prunable() / self.prunable_before, "format": "stock",
-            "removed_experts": removed, "statistics": "sequential",
-        }
-        setattr(model.config, SUMMARY_KEY, summary)
-        logger.info("Removed %d of %d experts in each of %d MoE blocks (%s): %d -> %d parameters (%.2f%% of the "
-                    "model).", plan.remove, plan.num_experts, len(plan.layers), self.method.criterion,
-                    self.params_before, params_after, 100 * summary["achieved_model_fraction"])
-        return summary
+    def details(self, report):
+        plan = self.plan
+        if plan.remove:
+            logger.info("Removed %d of %d experts in each of %d MoE blocks.", plan.remove, plan.num_experts,
+                        len(plan.layers))
+        return {"experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
+                "removed_experts": {b["experts"]: b["removed_experts"] for b in report.blocks if "removed_experts" in b}}
 
 
 def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
@@ -427,8 +409,7 @@ def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_
     """Scores and removes experts in place, block by block (`run_moe_structured`); returns `(report, summary)`
     (`summary` is also stored as `model.config.structured_pruning`)."""
     plan = plan or plan_expert_removal(model, config)
-    return run_moe_structured(model, ExpertRemovalStructure(model, method, config, plan), input_ids, progress,
-                              checkpoint)
+    return ExpertRemovalStructure.run(model, method, config, input_ids, plan, progress, checkpoint)
 
 
 def _expert_tensors(model: nn.Module, layer: MoELayer):

@@ -32,7 +32,7 @@ from ..engine.devices import onload_block, solve_device
 from ..engine.offload import _offloaded_tensor_names, offload_hook, update_offloaded_tensor
 from ..engine.sequential import PruningReport, capture_inputs, walk_blocks
 from ..utils import atomic_write_text
-from .shrink import shrunk_layer_report
+from .shrink import count_parameters, shrunk_layer_report
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -60,6 +60,14 @@ class MoEStructure:
 
     def __init__(self, model: nn.Module, method, config: "PruningConfig", plan):
         self.model, self.method, self.config, self.plan = model, method, config, plan
+        self.params_before = count_parameters(model)
+        self.prunable_before = self.prunable()
+
+    @classmethod
+    def run(cls, model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor], plan,
+            progress: bool = True, checkpoint: Optional["MoECheckpoint"] = None) -> tuple[PruningReport, dict]:
+        """`run_moe_structured` with this family; returns `(report, summary)`."""
+        return run_moe_structured(model, cls(model, method, config, plan), input_ids, progress, checkpoint)
 
     def collect(self, layer: "MoELayer") -> tuple[Any, list]:
         """`(statistics, hook handles)`: hooks on the block's modules that fill the statistics during its forward."""
@@ -81,9 +89,39 @@ class MoEStructure:
         """The block's tensors the decision acts on (their dense values are checked when a run is resumed)."""
         raise NotImplementedError
 
-    def summary(self, report: PruningReport) -> dict:
-        """The run's summary from the finished report; updates the model's config field."""
+    def prunable(self) -> int:
+        """Entries of the tensors the family acts on, over every MoE block (measured on the model)."""
         raise NotImplementedError
+
+    def config_update(self) -> tuple[str, int]:
+        """`(config field, new value)`: the expert count or width the pruned model has."""
+        raise NotImplementedError
+
+    def details(self, report: PruningReport) -> dict:
+        """The family's fields of the summary (from the finished report)."""
+        raise NotImplementedError
+
+    def summary(self, report: PruningReport) -> dict:
+        """The run's summary (also `model.config.structured_pruning`); updates the model's config field."""
+        from .runner import SUMMARY_KEY
+
+        field, value = self.config_update()
+        setattr(self.model.config, field, value)
+        params_after = count_parameters(self.model)
+        summary = {
+            "structure": self.structure, "method": self.config.method, "criterion": self.method.criterion,
+            **self.details(report), "config_field": field, "moe_blocks": [layer.index for layer in self.plan.layers],
+            "dense_blocks": self.plan.skipped_blocks, "model_params_before": self.params_before,
+            "model_params_after": params_after, "achieved_model_fraction": 1.0 - params_after / self.params_before,
+            # the tensors the family acts on (experts modules, routers, coupled shared experts)
+            "achieved_prunable_fraction": 1.0 - self.prunable() / self.prunable_before, "format": "stock",
+            "statistics": "sequential",  # each block scored on the outputs of the pruned blocks before it
+        }
+        setattr(self.model.config, SUMMARY_KEY, summary)
+        logger.info("%s structure=%r (%s) in %d MoE blocks: %s = %d; %d -> %d parameters (%.2f%% of the model).",
+                    type(self).__name__, self.structure, self.method.criterion, len(self.plan.layers), field, value,
+                    self.params_before, params_after, 100 * summary["achieved_model_fraction"])
+        return summary
 
 
 class MoECheckpoint(RunCheckpoint):
