@@ -228,3 +228,24 @@ def test_two_processes_with_half_the_data_each_equal_one(structure, tmp_path):
         assert saved["state"].keys() == single["state"].keys()
         for name, expected in single["state"].items():
             assert torch.equal(saved["state"][name], expected), f"rank {rank}: {name} differs"
+
+
+def test_cli_checkpoint_dir_and_resume_of_a_finished_run(tmp_path, tokenizer):
+    from optimum_sparse.cli.main import main
+
+    from ..helpers import SENTENCES
+
+    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "calib.txt").write_text("\n".join(SENTENCES * 20))
+    args = ["prune", "--model", str(tmp_path / "dense"), "--method", "expert-channels", "--structure",
+            "expert-channels", "--sparsity", "0.5", "--num-samples", "4", "--seq-len", "16", "--dataset",
+            str(tmp_path / "calib.txt"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["next_block"] == 2
+    assert main([*args, "--resume", "--output", str(tmp_path / "again")]) == 0  # every block re-applied, none run
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert again.config.moe_intermediate_size == 8
+    for name, value in first.items():
+        assert torch.equal(again.state_dict()[name], value), name
