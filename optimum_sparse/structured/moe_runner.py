@@ -134,7 +134,7 @@ class MoECheckpoint(RunCheckpoint):
 
     def check_tensors(self, index: int, tensors: list[torch.Tensor]) -> None:
         expected = self.dense_digests.get(str(index))
-        if expected is not None and expected != tensor_digest(tensors):
+        if expected is None or expected != tensor_digest(tensors):
             raise CheckpointMismatchError(
                 f"The checkpoint in {self.folder} was written by a different run: the dense weights of block {index} "
                 "differ from those it pruned (another model or fine-tune of the same shape); resume it with the same "
