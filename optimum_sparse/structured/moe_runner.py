@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..engine.architectures import find_blocks, get_architecture
-from ..engine.checkpoint import CheckpointMismatchError, RunCheckpoint, STATE_NAME, _atomic_save, tensor_digest
+from ..engine.checkpoint import CheckpointMismatchError, RunCheckpoint, STATE_NAME, _atomic_save
 from ..engine.devices import onload_block, solve_device
 from ..engine.offload import _offloaded_tensor_names, offload_hook, update_offloaded_tensor
 from ..engine.sequential import PruningReport, capture_inputs, walk_blocks
@@ -130,16 +131,12 @@ class MoECheckpoint(RunCheckpoint):
     tensors."""
 
     def note_tensors(self, index: int, tensors: list[torch.Tensor]) -> None:
-        self.dense_digests[str(index)] = tensor_digest(tensors)
+        """Records the digest of block `index`'s dense tensors (onloaded, before the slice)."""
+        self.note_dense(index, _as_linears(tensors))
 
     def check_tensors(self, index: int, tensors: list[torch.Tensor]) -> None:
-        expected = self.dense_digests.get(str(index))
-        if expected is None or expected != tensor_digest(tensors):
-            raise CheckpointMismatchError(
-                f"The checkpoint in {self.folder} was written by a different run: the dense weights of block {index} "
-                "differ from those it pruned (another model or fine-tune of the same shape); resume it with the same "
-                "model, config and calibration data, or use another folder. Nothing was changed."
-            )
+        """Raises `CheckpointMismatchError` when block `index`'s dense tensors are not those the checkpoint started from."""
+        self.check_dense(index, _as_linears(tensors))
 
     def save_decision(self, index: int, decision: dict[str, torch.Tensor], hidden: Optional[list],
                       report: PruningReport) -> None:
@@ -162,6 +159,11 @@ class MoECheckpoint(RunCheckpoint):
             raise CheckpointMismatchError(f"The checkpoint in {self.folder} misses {os.path.basename(path)} of a "
                                           f"finished block {index}; use another folder. Nothing was changed.")
         return load_file(path)
+
+
+def _as_linears(tensors: list[torch.Tensor]) -> dict:
+    """`{name: object with .weight}` in the tensors' order, as `RunCheckpoint.note_dense` / `check_dense` take them."""
+    return {f"{i:06d}": SimpleNamespace(weight=t) for i, t in enumerate(tensors)}
 
 
 def _write_back(moe: nn.Module, before: dict) -> None:

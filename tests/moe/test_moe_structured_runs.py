@@ -8,8 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from accelerate import cpu_offload
 from transformers import AutoModelForCausalLM
 
@@ -21,7 +19,7 @@ from optimum_sparse.structured.experts import (
 )
 
 from ..helpers import make_ids
-from .helpers import make_moe
+from .helpers import cli_model, make_moe, one_and_two_processes
 
 STRUCTURES = {"experts": ExpertRemovalStructure, "expert-channels": ExpertChannelStructure}
 
@@ -190,25 +188,13 @@ def test_a_checkpoint_of_other_weights_or_settings_is_refused_before_any_change(
 RUNS = (*STRUCTURES, "reconstruction")
 
 
-def _run(out_dir, tag):
+def _run(tag, out_dir):
     for structure in RUNS:  # one spawn for every run: process start-up dominates the test's time
         model = make_moe("deepseek_v3" if structure == "expert-channels" else "qwen3_moe")
         kwargs = {"method_kwargs": {"criterion": "reconstruction"}} if structure == "reconstruction" else {}
         pruner = _prune(model, "experts" if structure == "reconstruction" else structure, **kwargs)
         torch.save({"state": model.state_dict(), "blocks": pruner.report.blocks},
                    os.path.join(out_dir, f"{structure}-{tag}.pt"))
-
-
-def _worker(rank, world_size, init_file, out_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    if world_size == 1:
-        return _run(out_dir, "single")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        _run(out_dir, f"rank{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _close(a, b):
@@ -224,8 +210,7 @@ def _close(a, b):
 
 def test_two_processes_with_half_the_data_each_equal_one(tmp_path):
     """Removal by contribution and by reconstruction (Qwen3-MoE), expert channels (DeepSeek-V3, coupled shared expert)."""
-    mp.spawn(_worker, args=(1, str(tmp_path / "init1"), str(tmp_path)), nprocs=1, join=True)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    one_and_two_processes(_run, tmp_path, str(tmp_path))
     for structure in RUNS:
         single = torch.load(tmp_path / f"{structure}-single.pt")
         for rank in range(2):
@@ -239,14 +224,10 @@ def test_two_processes_with_half_the_data_each_equal_one(tmp_path):
 def test_cli_checkpoint_dir_and_resume_of_a_finished_run(tmp_path, tokenizer):
     from optimum_sparse.cli.main import main
 
-    from ..helpers import SENTENCES
-
-    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    (tmp_path / "calib.txt").write_text("\n".join(SENTENCES * 20))
-    args = ["prune", "--model", str(tmp_path / "dense"), "--method", "expert-channels", "--structure",
+    dense, calib = cli_model(tmp_path, tokenizer)
+    args = ["prune", "--model", dense, "--method", "expert-channels", "--structure",
             "expert-channels", "--sparsity", "0.5", "--num-samples", "4", "--seq-len", "16", "--dataset",
-            str(tmp_path / "calib.txt"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+            calib, "--checkpoint-dir", str(tmp_path / "ckpt")]
     assert main([*args, "--output", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["next_block"] == 2
     assert main([*args, "--resume", "--output", str(tmp_path / "again")]) == 0  # every block re-applied, none run
