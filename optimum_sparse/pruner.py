@@ -138,7 +138,7 @@ class SparsePruner:
         self.allocation = None
         started = time.perf_counter()  # one clock for the log line, the report, the record and the card
         if self.config.structure in ("experts", "expert-channels"):
-            input_ids = self._prune_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress)
+            input_ids = self._prune_experts(model, tokenizer, dataset, sparsity_for, checkpoint_dir, resume, progress)
         elif self.config.is_structured:
             from .structured.runner import plan_structured, run_structured
 
@@ -200,20 +200,30 @@ class SparsePruner:
             attach_pruning_record(model, self.record, tokenizer)
         return model
 
-    def _prune_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, progress) -> torch.Tensor:
+    def _prune_experts(self, model, tokenizer, dataset, sparsity_for, checkpoint_dir, resume, progress) -> torch.Tensor:
         """Whole-expert removal (`structure="experts"`, `optimum_sparse.structured.experts`) or expert-channel pruning
-        (`structure="expert-channels"`, `optimum_sparse.structured.expert_channels`); returns the calibration."""
+        (`structure="expert-channels"`, `optimum_sparse.structured.expert_channels`), block by block
+        (`optimum_sparse.structured.moe_runner`: offload, checkpoints, several processes); returns the calibration."""
+        from .structured.moe_runner import MoECheckpoint
+
         if self.config.structure == "experts":
             from .structured.experts import plan_expert_removal as plan_fn, run_expert_removal as run_fn
         else:
             from .structured.expert_channels import plan_expert_channels as plan_fn, run_expert_channels as run_fn
-        if sparsity_for is not None or checkpoint_dir is not None:
-            raise ValueError(f"structure={self.config.structure!r} prunes every MoE block alike in one pass: "
-                             "sparsity_for and checkpoint_dir/resume do not apply.")
+        if sparsity_for is not None:
+            raise ValueError(f"structure={self.config.structure!r} prunes every MoE block alike (one expert count or "
+                             "width in the config): sparsity_for does not apply.")
         _validate(model, self.config)
         plan = plan_fn(model, self.config)  # every check before any change
         input_ids = self.prepare_calibration(model, tokenizer, dataset)
-        self.report, self.structured_summary = run_fn(model, self.method, self.config, input_ids, progress, plan=plan)
+        rank, world_size = world()
+        local_ids = shard_rows(input_ids)  # several processes: this rank's share of the windows, statistics summed
+        checkpoint = None
+        if checkpoint_dir is not None:
+            folder = os.path.join(checkpoint_dir, f"rank{rank}") if world_size > 1 else checkpoint_dir
+            checkpoint = MoECheckpoint(folder, run_fingerprint(model, self.config, local_ids), resume=resume)
+        self.report, self.structured_summary = run_fn(model, self.method, self.config, local_ids,
+                                                      progress and rank == 0, plan=plan, checkpoint=checkpoint)
         return input_ids
 
     def _tokenizer_for(self, model: nn.Module) -> Any:

@@ -10,7 +10,8 @@ intermediate channels is removed from every routed expert of every MoE block, so
    shape. A shared expert sized by the same field (DeepSeek-V2/V3: `n_shared_experts · moe_intermediate_size`;
    Llama-4: `intermediate_size`) is a plain gated MLP and is pruned with it to the same fraction (`ratio · k` channels,
    scored on every token, unweighted, since it sees every token); any other tensor the field sizes is refused, naming it.
-2. Scores: one pass of the calibration windows; a hook on each experts module reads the routing the model computed
+2. Scores, block by block (`optimum_sparse.structured.moe_runner`: on the outputs of the already pruned blocks, offloaded
+   blocks onloaded, sums added over processes, resumable): a hook on the block's experts module reads the routing the model computed
    (`routed_tokens`) and each expert's intermediate activation on its tokens with the model's own code
    (`expert_intermediate`); per expert and channel the `w²`-weighted sums `Σw²`, `Σw²a`, `Σw²a²` and the token count.
    The method (`optimum_sparse.methods.expert_channels`) turns them into scores; under-calibrated experts are scored
@@ -26,24 +27,25 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
+from ..engine.checkpoint import CheckpointMismatchError
+from ..engine.distributed import all_reduce_sum
 from ..engine.experts import ExpertLinear, ExpertsLayout, expert_intermediate, routed_tokens
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
 from .experts import MoELayer, find_moe_layers
-from .shrink import count_parameters, shrunk_layer_report
+from .moe_runner import MoECheckpoint, MoEStructure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
 
 __all__ = ["ChannelPlan", "ChannelSums", "plan_expert_channels", "collect_channel_sums", "slice_expert_channels",
-           "run_expert_channels", "EXPERT_WIDTH_FIELDS"]
+           "run_expert_channels", "ExpertChannelStructure", "EXPERT_WIDTH_FIELDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,11 +231,6 @@ def plan_expert_channels(model: nn.Module, config: "PruningConfig") -> ChannelPl
     if not 0 < keep < width:
         raise ValueError(f"PruningConfig.sparsity={config.sparsity} of {width} channels per expert keeps {keep} "
                          f"(rounded to multiple_of={multiple}); nothing would be removed, or everything.")
-    for layer in layers:
-        for name, tensor in _expert_tensors(layer).items():
-            if tensor.device.type == "meta":
-                raise ValueError(f"{name} is on the meta device (offloaded); expert-channel pruning slices the fused "
-                                 "tensors in memory: load the model without offloading.")
     width_field, coupled = _check_config_field(model, layers, width, keep)
     coupled_names = {s.name for s in coupled}
     shared = [f"{blocks_path}.{layer.index}.{n}" for layer in layers for n, _ in layer.moe.named_children()
@@ -262,32 +259,45 @@ def _accumulate(layer: MoELayer, sums: ChannelSums, args: tuple, kwargs: dict) -
         sums.s2[e] += (w2 * a * a).sum(dim=0)
 
 
-def collect_channel_sums(model: nn.Module, plan: ChannelPlan, input_ids: torch.Tensor, batch_size: int = 8,
-                         progress: bool = True) -> tuple[list[ChannelSums], list[ChannelSums]]:
-    """The routed sums of every MoE block (`plan.layers` order) and the unweighted sums of every coupled shared expert
-    (`plan.coupled` order, one "expert" each) from one pass of `input_ids` through `model`."""
-    sums = [ChannelSums.zeros(layer.num_experts, plan.width) for layer in plan.layers]
-    shared_sums = [ChannelSums.zeros(1, shared.width) for shared in plan.coupled]
+def _sums_hooks(layer: MoELayer, sums: ChannelSums, coupled: list, shared_sums: list) -> list:
+    """Hooks that add every call of `layer`'s experts module to `sums` and every call of the coupled shared experts
+    (`coupled`, one "expert" each, unweighted: they see every token) to `shared_sums`. Returns the handles."""
 
-    def shared_hook(i):
+    def shared_hook(total: ChannelSums):
         def fn(module, args):
             a = args[0].reshape(-1, args[0].shape[-1]).to("cpu", torch.float64)  # the shared expert's activation
-            total = shared_sums[i]
             total.tokens[0] += a.shape[0]
             total.s0[0] += a.shape[0]
             total.s1[0] += a.sum(dim=0)
             total.s2[0] += a.pow(2).sum(dim=0)
         return fn
 
-    def hook(i):
-        def fn(module, args, kwargs, output):
-            _accumulate(plan.layers[i], sums[i], args, kwargs)
-        return fn
+    def hook(module, args, kwargs, output):
+        _accumulate(layer, sums, args, kwargs)
 
-    handles = [layer.experts.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(plan.layers)]
-    handles += [s.module.down_proj.register_forward_pre_hook(shared_hook(i)) for i, s in enumerate(plan.coupled)]
+    handles = [layer.experts.register_forward_hook(hook, with_kwargs=True)]
+    handles += [s.module.down_proj.register_forward_pre_hook(shared_hook(t)) for s, t in zip(coupled, shared_sums)]
+    return handles
+
+
+def _coupled_of(plan: ChannelPlan, layer: MoELayer) -> list:
+    children = {id(m) for m in layer.moe.children()}
+    return [s for s in plan.coupled if id(s.module) in children]
+
+
+def collect_channel_sums(model: nn.Module, plan: ChannelPlan, input_ids: torch.Tensor, batch_size: int = 8,
+                         progress: bool = True) -> tuple[list[ChannelSums], list[ChannelSums]]:
+    """The routed sums of every MoE block (`plan.layers` order) and the unweighted sums of every coupled shared expert
+    (`plan.coupled` order, one "expert" each) from one pass of `input_ids` through the dense `model` (the runner
+    collects them block by block instead, on the pruned predecessors' outputs)."""
+    sums = [ChannelSums.zeros(layer.num_experts, plan.width) for layer in plan.layers]
+    shared_sums = {id(s.module): ChannelSums.zeros(1, s.width) for s in plan.coupled}
+    handles = []
+    for layer, layer_sums in zip(plan.layers, sums):
+        coupled = _coupled_of(plan, layer)
+        handles += _sums_hooks(layer, layer_sums, coupled, [shared_sums[id(s.module)] for s in coupled])
     forward_batches(model, input_ids, batch_size, handles, "Scoring expert channels", progress)
-    return sums, shared_sums
+    return sums, [shared_sums[id(s.module)] for s in plan.coupled]
 
 
 @torch.no_grad()
@@ -380,78 +390,95 @@ def _prunable(plan: ChannelPlan) -> int:
                          for p in ("gate_proj", "up_proj", "down_proj"))
 
 
-def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
-                        progress: bool = True, plan: Optional[ChannelPlan] = None) -> tuple[PruningReport, dict]:
-    """Scores and removes expert channels in place; returns `(report, summary)` (`summary` is also stored as
-    `model.config.structured_pruning`)."""
-    from .runner import SUMMARY_KEY
+class ExpertChannelStructure(MoEStructure):
+    """Expert-channel pruning for `run_moe_structured`: per MoE block the routed `ChannelSums` (and the coupled shared
+    experts' sums), each expert's kept channels, the slice of the experts module and the shared experts."""
 
-    plan = plan or plan_expert_channels(model, config)
-    if input_ids is None:
-        raise ValueError(f"Method {config.method!r} needs calibration data.")
-    started = time.perf_counter()
-    params_before = count_parameters(model)
-    experts_before = _prunable(plan)
-    was_training = model.training
-    model.eval()
-    try:
-        sums, shared_sums = collect_channel_sums(model, plan, input_ids, config.batch_size, progress)
-    finally:
-        model.train(was_training)
-    decisions = [_choose(method, layer, s, plan.keep, plan.min_tokens) for layer, s in zip(plan.layers, sums)]
-    report = PruningReport(method=config.method)
-    fallback_experts = {}
-    for layer, s, (keep, fallback) in zip(plan.layers, sums, decisions):
-        old_shapes = {n: tuple(t.shape) for n, t in _expert_tensors(layer).items()}
-        slice_expert_channels(layer, keep)
-        for name, tensor in _expert_tensors(layer).items():
-            report.layers.append(shrunk_layer_report(name, old_shapes[name], tuple(tensor.shape)))
+    structure = "expert-channels"
+    diagnostics_key = "expert_channels"
+    desc = "Pruning expert channels"
+
+    def prunable(self) -> int:
+        return _prunable(self.plan)
+
+    def collect(self, layer):
+        coupled = _coupled_of(self.plan, layer)
+        sums = (ChannelSums.zeros(layer.num_experts, self.plan.width), [ChannelSums.zeros(1, s.width) for s in coupled])
+        return sums, _sums_hooks(layer, sums[0], coupled, sums[1])
+
+    def all_reduce(self, stats):
+        for sums in [stats[0], *stats[1]]:
+            for tensor in (sums.tokens, sums.s0, sums.s1, sums.s2):
+                all_reduce_sum(tensor)
+
+    def decide(self, layer, stats):
+        plan = self.plan
+        sums, shared_sums = stats
+        keep, fallback = _choose(self.method, layer, sums, plan.keep, plan.min_tokens)
         removed = [sorted(set(range(plan.width)) - set(row.tolist())) for row in keep]
         entry = {"index": layer.index, "experts": layer.name, "channels_before": plan.width,
-                 "channels_after": plan.keep, "tokens": [int(t) for t in s.tokens.tolist()],
-                 "routing_mass_sq": s.s0.tolist(), "magnitude_fallback": fallback}
+                 "channels_after": plan.keep, "tokens": [int(t) for t in sums.tokens.tolist()],
+                 "routing_mass_sq": sums.s0.tolist(), "magnitude_fallback": fallback}
         if len(removed) * len(removed[0]) <= _MAX_RECORDED:
             entry["removed_channels"] = removed
         else:
             entry["removed_channels"] = f"omitted ({len(removed)} experts × {len(removed[0])} channels)"
-        report.blocks.append(entry)
         if fallback:
-            fallback_experts[layer.name] = fallback
             logger.warning("%s: experts %s had fewer than %d routed tokens; scored by weight magnitude.", layer.name,
                            fallback, plan.min_tokens)
-    shared_report = {}
-    for shared, s in zip(plan.coupled, shared_sums):
-        keep, magnitude = _choose_shared(method, shared, s, plan.keep, plan.min_tokens)
-        before = {p: tuple(getattr(shared.module, p).weight.shape) for p in ("gate_proj", "up_proj", "down_proj")}
-        width = shared.width
-        slice_shared_mlp(shared, keep)
-        for proj, shape in before.items():
-            after = tuple(getattr(shared.module, proj).weight.shape)
-            report.layers.append(shrunk_layer_report(f"{shared.name}.{proj}", shape, after))
-        removed = sorted(set(range(width)) - set(keep.tolist()))
-        report.blocks.append({"shared_expert": shared.name, "channels_before": width, "channels_after": keep.numel(),
-                              "tokens": int(s.tokens[0]), "magnitude_fallback": magnitude, "removed_channels": removed})
-        shared_report[shared.name] = {"channels_before": width, "channels_after": keep.numel()}
-    setattr(model.config, plan.width_field, plan.keep)
-    params_after = count_parameters(model)
-    experts_after = _prunable(plan)
-    summary = {
-        "structure": "expert-channels", "method": config.method, "criterion": method.criterion,
-        "channels_before": plan.width, "channels_after": plan.keep, "removed_per_expert": plan.width - plan.keep,
-        "config_field": plan.width_field, "moe_blocks": [layer.index for layer in plan.layers],
-        "dense_blocks": plan.skipped_blocks, "skipped_modules": plan.skipped_modules,
-        "shared_experts_pruned": shared_report,
-        "min_expert_tokens": plan.min_tokens, "magnitude_fallback": fallback_experts,
-        "model_params_before": params_before, "model_params_after": params_after,
-        "achieved_model_fraction": 1.0 - params_after / params_before,
-        # the routed experts' fused tensors and the coupled shared experts' weights: what the pruning acts on
-        "achieved_prunable_fraction": 1.0 - experts_after / experts_before, "format": "stock",
-    }
-    report.diagnostics["expert_channels"] = summary
-    report.seconds = time.perf_counter() - started
-    setattr(model.config, SUMMARY_KEY, summary)
-    logger.info("Kept %d of %d channels in every expert of %d MoE blocks (%s): %d -> %d parameters (%.2f%% of the "
-                "model); left alone: dense blocks %s, %s.", plan.keep, plan.width, len(plan.layers), method.criterion,
-                params_before, params_after, 100 * summary["achieved_model_fraction"], plan.skipped_blocks,
-                plan.skipped_modules or "no shared experts")
-    return report, summary
+        decision, entries = {"kept_channels": keep}, [entry]
+        for i, (shared, s) in enumerate(zip(_coupled_of(plan, layer), shared_sums)):
+            kept, magnitude = _choose_shared(self.method, shared, s, plan.keep, plan.min_tokens)
+            decision[f"shared_{i}"] = kept
+            entries.append({"shared_expert": shared.name, "channels_before": shared.width,
+                            "channels_after": kept.numel(), "tokens": int(s.tokens[0]),
+                            "magnitude_fallback": magnitude,
+                            "removed_channels": sorted(set(range(shared.width)) - set(kept.tolist()))})
+        return decision, entries
+
+    def apply(self, layer, decision):
+        plan = self.plan
+        keep, coupled = decision.get("kept_channels"), _coupled_of(plan, layer)
+        expected = {"kept_channels", *(f"shared_{i}" for i in range(len(coupled)))}
+        if set(decision) != expected or tuple(keep.shape) != (layer.num_experts, plan.keep) \
+                or int(keep.max()) >= _width(layer):
+            raise CheckpointMismatchError(f"{layer.name}: the saved kept channels ({sorted(decision)}) do not fit the "
+                                          f"model's {layer.num_experts} experts × {_width(layer)} channels.")
+        old_shapes = {n: tuple(t.shape) for n, t in _expert_tensors(layer).items()}
+        slice_expert_channels(layer, keep)
+        shapes = [(n, old_shapes[n], tuple(t.shape)) for n, t in _expert_tensors(layer).items()]
+        for i, shared in enumerate(coupled):
+            before = {p: tuple(getattr(shared.module, p).weight.shape) for p in ("gate_proj", "up_proj", "down_proj")}
+            slice_shared_mlp(shared, decision[f"shared_{i}"].to(torch.long))
+            shapes += [(f"{shared.name}.{p}", shape, tuple(getattr(shared.module, p).weight.shape))
+                       for p, shape in before.items()]
+        return shapes
+
+    def tensors(self, layer):
+        shared = [getattr(s.module, p).weight for s in _coupled_of(self.plan, layer)
+                  for p in ("gate_proj", "up_proj", "down_proj")]
+        return [*_expert_tensors(layer).values(), *shared]
+
+    def config_update(self):
+        return self.plan.width_field, self.plan.keep
+
+    def details(self, report):
+        plan = self.plan
+        logger.info("Kept %d of %d channels in every expert; left alone: dense blocks %s, %s.", plan.keep, plan.width,
+                    plan.skipped_blocks, plan.skipped_modules or "no shared experts")
+        fallback = {b["experts"]: b["magnitude_fallback"] for b in report.blocks
+                    if "experts" in b and b["magnitude_fallback"]}
+        shared = {b["shared_expert"]: {"channels_before": b["channels_before"], "channels_after": b["channels_after"]}
+                  for b in report.blocks if "shared_expert" in b}
+        return {"channels_before": plan.width, "channels_after": plan.keep, "removed_per_expert": plan.width - plan.keep,
+                "skipped_modules": plan.skipped_modules, "shared_experts_pruned": shared,
+                "min_expert_tokens": plan.min_tokens, "magnitude_fallback": fallback}
+
+
+def run_expert_channels(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
+                        progress: bool = True, plan: Optional[ChannelPlan] = None,
+                        checkpoint: Optional["MoECheckpoint"] = None) -> tuple[PruningReport, dict]:
+    """Scores and removes expert channels in place, block by block (`run_moe_structured`); returns `(report, summary)`
+    (`summary` is also stored as `model.config.structured_pruning`)."""
+    return ExpertChannelStructure.run(model, method, config, input_ids, plan or plan_expert_channels(model, config),
+                                      progress, checkpoint)

@@ -6,8 +6,9 @@ out of the fused expert parameters and the router, and the config's expert count
    fused layout) and the router beside it (`gate` / `router`, weight `[E, d]`); the same `E` everywhere;
    `round(sparsity · E)` experts to remove per block, at least one, leaving at least `num_experts_per_tok` (and, for
    group-limited routing such as DeepSeek-V3's, the same count from every group).
-2. Scores: one pass of the calibration windows through the model; a hook on each experts module reads the routing the
-   model itself computed (`routed_tokens`: token → experts, weights) and computes each expert's output on its tokens
+2. Scores, block by block (`optimum_sparse.structured.moe_runner`: on the outputs of the already pruned blocks, offloaded
+   blocks onloaded, statistics summed over processes, resumable): a hook on the block's experts module reads the
+   routing the model itself computed (`routed_tokens`: token → experts, weights) and computes each expert's output on its tokens
    with the model's own code (`expert_output`), which yields its weighted output `w_te · E_e(x_t)` (Llama-4, whose
    experts take router-scaled inputs: `E_e(w_te · x_t)`). Per expert: tokens routed, routed mass `Σ_t w_te`, and the
    contribution `Σ_t ‖w_te · E_e(x_t)‖₂` (the routed mass times the mass-weighted mean output norm). The method
@@ -16,7 +17,8 @@ out of the fused expert parameters and the router, and the config's expert count
    to the kept experts in their original order (router rows, router bias, `e_score_correction_bias`, expert biases),
    which renumbers the router's outputs; modules' `num_experts`-like attributes and the config's expert count
    (`num_local_experts`, `num_experts`, `n_routed_experts`, by model type) are updated. Every MoE block keeps the
-   same number of experts, so the stock config describes the model and stock `from_pretrained` reloads it.
+   same number of experts, so the stock config describes the model and stock `from_pretrained` reloads it. The
+   pruned block's outputs are the next block's calibration inputs.
 """
 
 from __future__ import annotations
@@ -24,25 +26,28 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
+
 from ..engine.architectures import find_blocks, get_architecture
+from ..engine.checkpoint import CheckpointMismatchError
+from ..engine.distributed import all_reduce_scalar, all_reduce_sum
 from ..engine.experts import (
     ExpertsLayout, expert_output, experts_routers, find_experts_modules, layout_count, routed_tokens,
 )
+from ..engine.offload import offload_hook
 from ..engine.sequential import PruningReport
 from ..utils import forward_batches
-from .shrink import count_parameters, shrunk_layer_report
+from .moe_runner import MoECheckpoint, MoEStructure
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
 
 __all__ = ["MoELayer", "ExpertStats", "ExpertPlan", "find_moe_layers", "plan_expert_removal", "collect_expert_stats",
-           "remove_experts", "run_expert_removal", "EXPERT_COUNT_FIELDS"]
+           "remove_experts", "run_expert_removal", "ExpertRemovalStructure", "EXPERT_COUNT_FIELDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ class ExpertStats:
     tokens: torch.Tensor
     mass: torch.Tensor
     contribution: torch.Tensor
+    inputs: Optional[list] = field(default=None, repr=False)  # the MoE module's inputs (reconstruction criterion)
 
     @classmethod
     def zeros(cls, num_experts: int) -> "ExpertStats":
@@ -223,37 +229,41 @@ def _accumulate(layer: MoELayer, stats: ExpertStats, args: tuple, kwargs: dict,
         stats.contribution[e] += float(contribution)
 
 
+def _stats_hooks(layer: MoELayer, stats: ExpertStats, moe_inputs: Optional[list] = None) -> list:
+    """Hooks that add every call of `layer`'s experts module to `stats` (`_accumulate`); `moe_inputs`: a list to fill
+    with the MoE module's input batches (on the CPU). Returns the handles."""
+    current: list = [None]  # the MoE module's input of the running call
+
+    def pre_hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        current[0] = x
+        if moe_inputs is not None:
+            moe_inputs.append(x.detach().to("cpu"))
+
+    def hook(module, args, kwargs, output):
+        _accumulate(layer, stats, args, kwargs, current[0])
+        current[0] = None
+
+    handles = []
+    if layer.layout.input_scaled or moe_inputs is not None:
+        handles.append(layer.moe.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    handles.append(layer.experts.register_forward_hook(hook, with_kwargs=True))
+    return handles
+
+
 @torch.no_grad()
 def collect_expert_stats(model: nn.Module, plan: ExpertPlan, input_ids: torch.Tensor, batch_size: int = 8,
                          progress: bool = True, moe_inputs: Optional[list] = None) -> list[ExpertStats]:
-    """Per-expert statistics of every MoE block (`plan.layers` order) from one pass of `input_ids` through `model`.
+    """Per-expert statistics of every MoE block (`plan.layers` order) from one pass of `input_ids` through the dense
+    `model` (the runner collects them block by block instead, on the pruned predecessors' outputs).
 
     `moe_inputs`: a list to fill with, per MoE block, the list of its MoE module's input batches (on the CPU).
     """
     stats = [ExpertStats.zeros(layer.num_experts) for layer in plan.layers]
-    current: list = [None] * len(plan.layers)  # the MoE module's input of the running call
     if moe_inputs is not None:
         moe_inputs.extend([] for _ in plan.layers)
-
-    def pre_hook(i):
-        def fn(module, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            current[i] = x
-            if moe_inputs is not None:
-                moe_inputs[i].append(x.detach().to("cpu"))
-        return fn
-
-    def hook(i):
-        def fn(module, args, kwargs, output):
-            _accumulate(plan.layers[i], stats[i], args, kwargs, current[i])
-            current[i] = None
-        return fn
-
-    handles = []
-    for i, layer in enumerate(plan.layers):
-        if layer.layout.input_scaled or moe_inputs is not None:
-            handles.append(layer.moe.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        handles.append(layer.experts.register_forward_hook(hook(i), with_kwargs=True))
+    handles = [h for i, layer in enumerate(plan.layers)
+               for h in _stats_hooks(layer, stats[i], moe_inputs[i] if moe_inputs is not None else None)]
     forward_batches(model, input_ids, batch_size, handles, "Scoring experts", progress)
     return stats
 
@@ -306,15 +316,19 @@ def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[t
     """
     device = getattr(layer.experts, layer.layout.up_name).device
     full = [_moe_output(layer.moe, x, device) for x in inputs]
-    energy = sum(float(y.pow(2).sum()) for y in full)
+    energy = all_reduce_scalar(sum(float(y.pow(2).sum()) for y in full))  # several processes: sums over all ranks
+
+    # offloaded blocks: the copies share accelerate's offload storage instead of copying it (they run onloaded)
+    shared = {id(h.weights_map): h.weights_map for h in (offload_hook(m) for m in layer.moe.modules()) if h is not None}
 
     def error(removed: list) -> float:
-        moe = copy.deepcopy(layer.moe)
+        moe = copy.deepcopy(layer.moe, memo=dict(shared))
         clone = MoELayer(layer.index, layer.name, getattr(moe, layer.experts_attr), getattr(moe, layer.router_attr),
                          layer.router_name, moe, layer.num_experts, layer.num_groups, layout=layer.layout)
         keep = torch.tensor([e for e in range(layer.num_experts) if e not in removed])
         remove_experts(clone, keep)
-        diff = sum(float((_moe_output(moe, x, device) - y).pow(2).sum()) for x, y in zip(inputs, full))
+        diff = all_reduce_scalar(sum(float((_moe_output(moe, x, device) - y).pow(2).sum())
+                                     for x, y in zip(inputs, full)))
         return diff / energy if energy > 0 else 0.0
 
     alone = torch.tensor([error([e]) for e in range(layer.num_experts)], dtype=torch.float64)
@@ -329,67 +343,73 @@ def reconstruction_choice(layer: MoELayer, inputs: list, remove: int) -> tuple[t
     return keep, -alone, path
 
 
-def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
-                       progress: bool = True, plan: Optional[ExpertPlan] = None) -> tuple[PruningReport, dict]:
-    """Scores and removes experts in place; returns `(report, summary)` (`summary` is also stored as
-    `model.config.structured_pruning`)."""
-    from .runner import SUMMARY_KEY
+class ExpertRemovalStructure(MoEStructure):
+    """Whole-expert removal for `run_moe_structured`: per MoE block the `ExpertStats` (and, for the reconstruction
+    criterion, the MoE module's inputs), the kept experts, the slice of the experts module and the router."""
 
-    plan = plan or plan_expert_removal(model, config)
-    if input_ids is None:
-        raise ValueError(f"Method {config.method!r} needs calibration data.")
-    started = time.perf_counter()
-    params_before = count_parameters(model)
-    prunable_before = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
-    was_training = model.training
-    model.eval()
-    reconstruction = method.criterion == "reconstruction"
-    moe_inputs: Optional[list] = [] if reconstruction else None
-    paths = [None] * len(plan.layers)
-    try:
-        stats = collect_expert_stats(model, plan, input_ids, config.batch_size, progress, moe_inputs)
-        if reconstruction:
-            decisions = []
-            for i, (layer, inputs) in enumerate(zip(plan.layers, moe_inputs)):
-                keep, scores, paths[i] = reconstruction_choice(layer, inputs, plan.remove)
-                decisions.append((keep, scores))
-                inputs.clear()
+    structure = "experts"
+    diagnostics_key = "expert_removal"
+    desc = "Removing experts"
+
+    def prunable(self) -> int:
+        return sum(t.numel() for layer in self.plan.layers for _, t in _expert_tensors(self.model, layer))
+
+    def collect(self, layer):
+        stats = ExpertStats.zeros(layer.num_experts)
+        if self.method.criterion == "reconstruction":
+            stats.inputs = []
+        return stats, _stats_hooks(layer, stats, stats.inputs)
+
+    def all_reduce(self, stats):
+        for tensor in (stats.tokens, stats.mass, stats.contribution):
+            all_reduce_sum(tensor)
+
+    def decide(self, layer, stats):
+        path = None
+        if stats.inputs is not None:
+            keep, scores, path = reconstruction_choice(layer, stats.inputs, self.plan.remove)
+            stats.inputs.clear()
         else:
-            decisions = [method.select_experts(s, plan.remove, layer.num_groups) for layer, s in zip(plan.layers, stats)]
-    finally:
-        model.train(was_training)
-    report = PruningReport(method=config.method)
-    for layer, s, (keep, scores), path in zip(plan.layers, stats, decisions, paths):
-        old_shapes = {n: tuple(p.shape) for n, p in _expert_tensors(model, layer)}
+            keep, scores = self.method.select_experts(stats, self.plan.remove, layer.num_groups)
+        keep = keep.to(torch.long).sort().values
         removed = sorted(set(range(layer.num_experts)) - set(keep.tolist()))
-        sliced = remove_experts(layer, keep)
-        for name, tensor in _expert_tensors(model, layer):
-            if name in sliced:
-                report.layers.append(shrunk_layer_report(name, old_shapes[name], tuple(tensor.shape)))
-        report.blocks.append({"index": layer.index, "experts": layer.name, "router": layer.router_name,
-                              "removed_experts": removed, "kept_experts": keep.sort().values.tolist(),
-                              "scores": scores.tolist(), **s.to_dict(),
-                              **({"reconstruction_path": [[e, err] for e, err in path]} if path else {})})
-    setattr(model.config, plan.count_field, plan.kept)
-    params_after = count_parameters(model)
-    prunable_after = sum(t.numel() for layer in plan.layers for _, t in _expert_tensors(model, layer))
-    summary = {
-        "structure": "experts", "method": config.method, "criterion": method.criterion,
-        "experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
-        "config_field": plan.count_field, "moe_blocks": [layer.index for layer in plan.layers],
-        "dense_blocks": plan.skipped_blocks, "model_params_before": params_before, "model_params_after": params_after,
-        "achieved_model_fraction": 1.0 - params_after / params_before,
-        # the experts modules' and routers' tensors: what the removal acts on
-        "achieved_prunable_fraction": 1.0 - prunable_after / prunable_before, "format": "stock",
-        "removed_experts": {layer.name: b["removed_experts"] for layer, b in zip(plan.layers, report.blocks)},
-    }
-    report.diagnostics["expert_removal"] = summary
-    report.seconds = time.perf_counter() - started
-    setattr(model.config, SUMMARY_KEY, summary)
-    logger.info("Removed %d of %d experts in each of %d MoE blocks (%s): %d -> %d parameters (%.2f%% of the model).",
-                plan.remove, plan.num_experts, len(plan.layers), method.criterion, params_before, params_after,
-                100 * summary["achieved_model_fraction"])
-    return report, summary
+        entry = {"index": layer.index, "experts": layer.name, "router": layer.router_name,
+                 "removed_experts": removed, "kept_experts": keep.tolist(), "scores": scores.tolist(),
+                 **stats.to_dict(), **({"reconstruction_path": [[e, err] for e, err in path]} if path else {})}
+        return {"kept_experts": keep}, [entry]
+
+    def apply(self, layer, decision):
+        keep = decision["kept_experts"]
+        if keep.dim() != 1 or keep.numel() != self.plan.kept or int(keep.max()) >= layer.num_experts:
+            raise CheckpointMismatchError(f"{layer.name}: the saved kept experts {keep.tolist()} do not fit the "
+                                          f"model's {layer.num_experts} experts.")
+        old_shapes = {n: tuple(t.shape) for n, t in _expert_tensors(self.model, layer)}
+        sliced = set(remove_experts(layer, keep))
+        return [(name, old_shapes[name], tuple(t.shape)) for name, t in _expert_tensors(self.model, layer)
+                if name in sliced]
+
+    def tensors(self, layer):
+        return [t for _, t in _expert_tensors(self.model, layer)]
+
+    def config_update(self):
+        return self.plan.count_field, self.plan.kept
+
+    def details(self, report):
+        plan = self.plan
+        if plan.remove:
+            logger.info("Removed %d of %d experts in each of %d MoE blocks.", plan.remove, plan.num_experts,
+                        len(plan.layers))
+        return {"experts_before": plan.num_experts, "experts_after": plan.kept, "removed_per_block": plan.remove,
+                "removed_experts": {b["experts"]: b["removed_experts"] for b in report.blocks if "removed_experts" in b}}
+
+
+def run_expert_removal(model: nn.Module, method, config: "PruningConfig", input_ids: Optional[torch.Tensor],
+                       progress: bool = True, plan: Optional[ExpertPlan] = None,
+                       checkpoint: Optional["MoECheckpoint"] = None) -> tuple[PruningReport, dict]:
+    """Scores and removes experts in place, block by block (`run_moe_structured`); returns `(report, summary)`
+    (`summary` is also stored as `model.config.structured_pruning`)."""
+    plan = plan or plan_expert_removal(model, config)
+    return ExpertRemovalStructure.run(model, method, config, input_ids, plan, progress, checkpoint)
 
 
 def _expert_tensors(model: nn.Module, layer: MoELayer):

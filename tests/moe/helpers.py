@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..helpers import HIDDEN, INTERMEDIATE, VOCAB
+from ..helpers import HIDDEN, INTERMEDIATE, SENTENCES, VOCAB
 
 NUM_EXPERTS = 4
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
@@ -51,3 +55,30 @@ def make_moe(model_type: str, seed: int = 0) -> torch.nn.Module:
 
 def block_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if ".layers." in n}
+
+
+def _process(rank, world_size, init_file, run, args):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    if world_size == 1:  # the reference, in a fresh process too: routing is discrete, so no state of this one leaks in
+        return run("single", *args)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        run(f"rank{rank}", *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def one_and_two_processes(run, tmp_path, *args) -> None:
+    """Calls `run(tag, *args)` in one process (`tag="single"`), then in two gloo ranks (`"rank0"`, `"rank1"`);
+    `run` must be a module-level function (it is pickled by name)."""
+    mp.spawn(_process, args=(1, str(tmp_path / "init1"), run, args), nprocs=1, join=True)
+    mp.spawn(_process, args=(2, str(tmp_path / "init2"), run, args), nprocs=2, join=True)
+
+
+def cli_model(tmp_path, tokenizer, model_type: str = "qwen3_moe") -> tuple[str, str]:
+    """`(model folder, calibration text file)` for CLI tests: a tiny random MoE saved with the tokenizer."""
+    make_moe(model_type).save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    (tmp_path / "calib.txt").write_text("\n".join(SENTENCES * 20))
+    return str(tmp_path / "dense"), str(tmp_path / "calib.txt")

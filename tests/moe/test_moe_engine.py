@@ -7,15 +7,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 from optimum_sparse import PruningConfig, SparsePruner
 from optimum_sparse.methods.sparsegpt import SparseGPTPruning
 
 from ..helpers import make_ids
-from .helpers import make_moe
+from .helpers import cli_model, make_moe, one_and_two_processes
 
 
 def _config(method="sparsegpt", **kwargs):
@@ -81,29 +79,16 @@ def reference_sparsity(model) -> float:
     return zeros / total
 
 
-def _run(out_path):
+def _run(tag, out_dir):
     model = make_moe("mixtral")
     pruner = SparsePruner(_config("sparsegpt"))
     pruner.apply(model, dataset=make_ids(), progress=False)
     tokens = {r.name: r.extra.get("routed_tokens") for r in pruner.report.layers}
-    torch.save({"state": model.state_dict(), "tokens": tokens}, out_path)
-
-
-def _worker(rank, world_size, init_file, out_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    if world_size == 1:  # the reference, in a fresh process too: routing is discrete, so no state of this one leaks in
-        return _run(os.path.join(out_dir, "single.pt"))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        _run(os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.save({"state": model.state_dict(), "tokens": tokens}, os.path.join(out_dir, f"{tag}.pt"))
 
 
 def test_two_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(1, str(tmp_path / "init1"), str(tmp_path)), nprocs=1, join=True)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    one_and_two_processes(_run, tmp_path, str(tmp_path))
     single = torch.load(tmp_path / "single.pt")
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
@@ -115,13 +100,9 @@ def test_two_processes_equal_one(tmp_path):
 def test_cli_prunes_a_moe_model_with_the_expert_settings(tmp_path, tokenizer):
     from optimum_sparse.cli.main import main
 
-    from ..helpers import SENTENCES
-
-    make_moe("qwen3_moe").save_pretrained(tmp_path / "dense")
-    tokenizer.save_pretrained(tmp_path / "dense")
-    (tmp_path / "calib.txt").write_text("\n".join(SENTENCES * 20))
-    code = main(["prune", "--model", str(tmp_path / "dense"), "--method", "wanda", "--num-samples", "4",
-                 "--seq-len", "16", "--dataset", str(tmp_path / "calib.txt"), "--expert-statistics", "pooled",
+    dense, calib = cli_model(tmp_path, tokenizer)
+    code = main(["prune", "--model", dense, "--method", "wanda", "--num-samples", "4",
+                 "--seq-len", "16", "--dataset", calib, "--expert-statistics", "pooled",
                  "--min-expert-tokens", "4", "--expert-fallback", "damping", "--output", str(tmp_path / "out")])
     assert code == 0
     saved = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
