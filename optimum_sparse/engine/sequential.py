@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
     from ..methods.base import PruningMethod
 
-__all__ = ["PruningReport", "find_target_linears", "check_targets", "capture_inputs", "walk_blocks", "run_sequential"]
+__all__ = ["PruningReport", "find_target_linears", "check_targets", "capture_inputs", "walk_blocks", "on_each_block", "run_sequential"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,14 @@ def walk_blocks(
     return inputs
 
 
+def on_each_block(blocks: nn.ModuleList, indices, config: "PruningConfig", fn: Callable[[int, nn.Module], None]) -> None:
+    """Calls `fn(index, block)` with each block of `indices` onloaded to its solve device, no forward pass (a resumed
+    run's checks and restores of its finished blocks)."""
+    for index in indices:
+        with onload_block(blocks[index], solve_device(blocks[index], config.device)):
+            fn(index, blocks[index])
+
+
 @torch.no_grad()
 def run_sequential(
     model: nn.Module,
@@ -179,12 +187,9 @@ def run_sequential(
         if start:
             logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
             finished = range(min(start, len(blocks)))
-            for index in finished:  # every finished block's dense weights are checked before any is replaced
-                with onload_block(blocks[index], solve_device(blocks[index], config.device)):
-                    checkpoint.check_dense(index, targets[index])
-            for index in finished:
-                with onload_block(blocks[index], solve_device(blocks[index], config.device)):
-                    checkpoint.restore_block(index, targets[index])
+            # every finished block's dense weights are checked before any is replaced
+            on_each_block(blocks, finished, config, lambda index, block: checkpoint.check_dense(index, targets[index]))
+            on_each_block(blocks, finished, config, lambda index, block: checkpoint.restore_block(index, targets[index]))
             checkpoint.restore_report(report)
             if inputs is not None:
                 inputs = inputs.with_hidden(checkpoint.restore_hidden())

@@ -29,9 +29,8 @@ from safetensors.torch import load_file
 
 from ..engine.architectures import find_blocks, get_architecture
 from ..engine.checkpoint import CheckpointMismatchError, RunCheckpoint, STATE_NAME, _atomic_save
-from ..engine.devices import onload_block, solve_device
 from ..engine.offload import _offloaded_tensor_names, offload_hook, update_offloaded_tensor
-from ..engine.sequential import PruningReport, capture_inputs, walk_blocks
+from ..engine.sequential import PruningReport, capture_inputs, on_each_block, walk_blocks
 from ..utils import atomic_write_text
 from .shrink import count_parameters, shrunk_layer_report
 
@@ -227,14 +226,13 @@ def run_moe_structured(model: nn.Module, structure: MoEStructure, input_ids: tor
         if start:
             logger.info("Resuming from %s: blocks 0-%d already pruned.", checkpoint.folder, start - 1)
             finished = [by_index[i] for i in range(min(start, len(blocks))) if i in by_index]
-            decisions = {}
-            for layer in finished:  # every check before any block is changed
-                with onload_block(blocks[layer.index], solve_device(blocks[layer.index], config.device)):
-                    checkpoint.check_tensors(layer.index, structure.tensors(layer))
-                decisions[layer.index] = checkpoint.load_decision(layer.index)
-            for layer in finished:
-                with onload_block(blocks[layer.index], solve_device(blocks[layer.index], config.device)):
-                    _slice(structure, layer, decisions[layer.index], None)
+            indices = [layer.index for layer in finished]
+            # every check before any block is changed
+            on_each_block(blocks, indices, config,
+                          lambda index, block: checkpoint.check_tensors(index, structure.tensors(by_index[index])))
+            decisions = {index: checkpoint.load_decision(index) for index in indices}
+            on_each_block(blocks, indices, config,
+                          lambda index, block: _slice(structure, by_index[index], decisions[index], None))
             checkpoint.restore_report(report)
             inputs = inputs.with_hidden(checkpoint.restore_hidden())
         pending: dict[int, dict] = {}
