@@ -1,15 +1,17 @@
-"""Small helpers shared across the package: atomic writes, module-name matching, hooked calibration passes."""
+"""Small helpers shared across the package: module-name matching, hooked calibration passes (and the atomic file
+writes of `optimum_sparse.atomic`, re-exported)."""
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-from typing import Callable, Iterable, Union
+from typing import Iterable
 
 import torch.nn as nn
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "matches_any", "show_progress", "forward_batches"]
+from .atomic import atomic_write, atomic_write_bytes, atomic_write_text
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "matches_any", "show_progress", "forward_batches"]
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -19,43 +21,6 @@ def show_progress(progress: bool = True) -> bool:
     """Whether to draw progress bars: `progress`, unless `TQDM_DISABLE` or `HF_HUB_DISABLE_PROGRESS_BARS` is set."""
     return bool(progress) and not any(os.environ.get(var, "").strip().lower() in _TRUE
                                       for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"))
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> None:
-    """Writes a file atomically: `write(tmp)` fills a temporary file in the same folder, which is flushed to disk and
-    renamed over `path`; on any error the temporary file is removed and `path` is untouched.
-
-    The one file-level atomic write of the package (`atomic_write_bytes`, `atomic_write_text`, the resumable run's
-    safetensors files); whole folders are swapped by `optimum_sparse.serialization.atomic_directory`.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Writes `data` to `path` atomically (`atomic_write`)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def matches_any(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:

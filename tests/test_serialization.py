@@ -219,7 +219,7 @@ def test_interrupted_swap_is_repaired(tmp_path):
 
 def test_swap_without_renameat2(pruned, tmp_path, monkeypatch):
     """Where an atomic exchange is unavailable, the old folder is renamed aside, then removed after the swap."""
-    import optimum_sparse.serialization.atomic as atomic
+    import optimum_sparse.atomic as atomic
 
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     model, pruner, _ = pruned

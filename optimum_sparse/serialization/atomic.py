@@ -1,136 +1,19 @@
-"""Atomic folder writes: build the new folder beside the old one, then swap it into place in one step.
-
-The folder-level counterpart of `optimum_sparse.utils.atomic_write` (single files: configs, run states, the resumable
-run's safetensors), the one file-level atomic write of the package.
-"""
+"""`atomic_directory` for pruned-model folders: `optimum_sparse.atomic.atomic_directory` (the package's one atomic-write
+module) with our files and transformers' weight files never carried over from the previous folder."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import fnmatch
-import logging
 import os
-import shutil
-import sys
-import uuid
-from typing import Iterator, Union
+from typing import ContextManager, Union
 
-from .destination import check_replaceable
+from ..atomic import atomic_directory as _atomic_directory
 from .record import OUR_FILES, WEIGHT_FILE_PATTERNS
 
 __all__ = ["atomic_directory"]
 
-logger = logging.getLogger(__name__)
 
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swaps two existing paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover_stale(parent: str, name: str) -> None:
-    """Cleans up after a save that was killed: drops its temporary folder, restores a folder moved aside."""
-    for entry in os.listdir(parent):
-        for kind in ("tmp", "old"):
-            prefix = f".{name}.{kind}-"
-            if not entry.startswith(prefix):
-                continue
-            try:
-                pid = int(entry[len(prefix):].split("-", 1)[0])
-            except ValueError:
-                continue
-            if pid == os.getpid() or _pid_alive(pid):
-                continue
-            stale, target = os.path.join(parent, entry), os.path.join(parent, name)
-            if kind == "old" and not os.path.exists(target):
-                logger.warning("Restoring %s, left aside by an interrupted save.", target)
-                os.rename(stale, target)
-            else:
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _fsync_tree(root: str) -> None:
-    for folder, _, files in os.walk(root):
-        for f in files:
-            path = os.path.join(folder, f)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: str, new: str) -> None:
-    """Copies entries of the previous folder that the new save did not write (a `.git`, user notes, logs), except
-    stale weight files and our own outputs."""
-    for entry in os.listdir(old):
-        if os.path.lexists(os.path.join(new, entry)) or entry in OUR_FILES:
-            continue
-        if any(fnmatch.fnmatch(entry, p) for p in WEIGHT_FILE_PATTERNS):
-            continue
-        src, dst = os.path.join(old, entry), os.path.join(new, entry)
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(src, dst)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: Union[str, os.PathLike], fsync: bool = True) -> Iterator[str]:
-    """Yields a temporary sibling folder; on success it replaces `path` in one step, on failure it is removed.
-
-    The previous content of `path` stays untouched until the new folder is complete. On Linux the swap is a single
-    `renameat2(RENAME_EXCHANGE)`; elsewhere the old folder is renamed aside first (a crash between the two renames is
-    repaired by the next save). Entries of the old folder that the new save does not write (a `.git` folder, notes)
-    are carried over; stale weight files are not.
+def atomic_directory(path: Union[str, os.PathLike], fsync: bool = True) -> ContextManager[str]:
+    """Yields a temporary sibling folder that replaces `path` in one step on success (`optimum_sparse.atomic`).
 
     Example:
 
@@ -139,33 +22,4 @@ def atomic_directory(path: Union[str, os.PathLike], fsync: bool = True) -> Itera
     ...     model.save_pretrained(tmp)
     ```
     """
-    path, parent, name = check_replaceable(path)  # OutputPathError: root, a file, the current directory
-    os.makedirs(parent, exist_ok=True)
-    _recover_stale(parent, name)
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)  # mode 0o777 minus the umask, like a folder transformers would create
-    try:
-        if os.path.isdir(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        yield tmp
-        if os.path.isdir(path) and os.listdir(path):
-            _carry_over(path, tmp)
-        if fsync:
-            _fsync_tree(tmp)
-        if not os.path.isdir(path) or not os.listdir(path):
-            os.replace(tmp, path)  # replaces a missing or empty folder atomically
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
-        else:
-            aside = os.path.join(parent, f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(path, aside)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(aside, path)  # put the previous version back
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return _atomic_directory(path, fsync=fsync, regenerated=OUR_FILES + WEIGHT_FILE_PATTERNS)

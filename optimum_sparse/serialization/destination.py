@@ -7,6 +7,7 @@ import os
 import tempfile
 from typing import Union
 
+from ..atomic import check_replaceable
 from ..errors import OutputPathError
 from .record import WEIGHT_FILE_PATTERNS
 
@@ -21,24 +22,6 @@ def holds_model(folder: str) -> list[str]:
         return []
     return sorted(entry for entry in os.listdir(folder) if entry in _MODEL_FILES
                   or any(fnmatch.fnmatch(entry, pattern) for pattern in WEIGHT_FILE_PATTERNS))
-
-
-def check_replaceable(path: Union[str, os.PathLike]) -> tuple[str, str, str]:
-    """`(absolute path, parent, name)` of a folder a save may replace as a whole; raises `OutputPathError` for an
-    empty name, the filesystem root, a file, or the current directory and its parents."""
-    if path is None or not os.fspath(path).strip():
-        raise OutputPathError("The output folder is empty; give a folder name (e.g. 'pruned/').")
-    final = os.path.abspath(os.fspath(path)).rstrip(os.sep) or os.sep
-    parent, name = os.path.split(final)
-    if not name:
-        raise OutputPathError(f"Refusing to save into the filesystem root {final!r}; give a folder below it.")
-    if os.path.lexists(final) and not os.path.isdir(final):
-        raise OutputPathError(f"The output {final} exists and is a file, not a folder; choose a folder name.")
-    cwd, real = os.path.realpath(os.getcwd()), os.path.realpath(final)
-    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
-        raise OutputPathError(f"Refusing to save into {final}: it is the current directory or one of its parents, and "
-                              "the save replaces the folder as a whole; give a new folder such as 'pruned/'.")
-    return final, parent, name
 
 
 def check_output_dir(path: Union[str, os.PathLike], overwrite: bool = False) -> str:
