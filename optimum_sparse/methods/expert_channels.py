@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..options import Options, option
-from .base import Method, register_method
+from .base import register_method
+from .structured_base import ExpertStructureMethod
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -45,32 +46,19 @@ class ExpertChannelsOptions(Options):
 
 
 @register_method
-class ExpertChannels(Method):
+class ExpertChannels(ExpertStructureMethod):
     """Removes intermediate channels of every routed expert (same count everywhere), scored per expert."""
 
     name = "expert-channels"
-    stats = "norms"
-    structured: ClassVar[bool] = True
-    per_linear: ClassVar[bool] = False
     options_class = ExpertChannelsOptions
+    structure = "expert-channels"
+    uniform_reason = "keeps the same number of channels in every expert (one intermediate size in the config)"
 
     @classmethod
-    def validate_config(cls, config: "PruningConfig") -> None:
-        if config.structure != "expert-channels":
-            raise ValueError(f"PruningConfig.structure must be 'expert-channels' for method {config.method!r}, "
-                             f"got {config.structure!r}.")
-        if config.allocation != "uniform" or config.layer_sparsity:
-            raise ValueError("PruningConfig.structure='expert-channels' keeps the same number of channels in every "
-                             "expert (one intermediate size in the config); allocation must be 'uniform', no "
-                             "layer_sparsity.")
+    def check_sparsity(cls, config: "PruningConfig") -> None:
         if not 0 < config.sparsity < 1:
             raise ValueError("PruningConfig.sparsity is the fraction of each expert's channels removed; it must be in "
                              f"(0, 1), got {config.sparsity}.")
-        cls.check_options(config)
-
-    @property
-    def criterion(self) -> str:
-        return self.options.criterion
 
     def min_tokens(self) -> int:
         value = self.config.min_expert_tokens
@@ -99,6 +87,3 @@ class ExpertChannels(Method):
         f = scores.numel()
         order = sorted(range(f), key=lambda j: (-float(scores[j]), j))
         return torch.tensor(sorted(order[:keep]), dtype=torch.long)
-
-    def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - channels are removed from fused experts
-        raise TypeError("expert-channels removes expert channels; it runs through SparsePruner.apply.")

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..options import Options, option
-from .base import Method, register_method
+from .base import register_method
+from .structured_base import ExpertStructureMethod
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
@@ -45,30 +46,18 @@ class ExpertRemovalOptions(Options):
 
 
 @register_method
-class ExpertRemoval(Method):
+class ExpertRemoval(ExpertStructureMethod):
     """Removes whole experts of every MoE block by a calibration criterion (`ExpertRemovalOptions.criterion`)."""
 
     name = "expert-removal"
-    stats = "norms"
-    structured: ClassVar[bool] = True
-    per_linear: ClassVar[bool] = False
     options_class = ExpertRemovalOptions
+    structure = "experts"
+    uniform_reason = "removes the same number of experts from every MoE block (one expert count in the config)"
 
     @classmethod
-    def validate_config(cls, config: "PruningConfig") -> None:
-        if config.structure != "experts":
-            raise ValueError(f"PruningConfig.structure must be 'experts' for method {config.method!r}, "
-                             f"got {config.structure!r}.")
-        if config.allocation != "uniform" or config.layer_sparsity:
-            raise ValueError("PruningConfig.structure='experts' removes the same number of experts from every MoE "
-                             "block (one expert count in the config); allocation must be 'uniform', no layer_sparsity.")
+    def check_sparsity(cls, config: "PruningConfig") -> None:
         if not config.sparsity > 0:
             raise ValueError("PruningConfig.sparsity is the fraction of experts removed per MoE block; it must be > 0.")
-        cls.check_options(config)
-
-    @property
-    def criterion(self) -> str:
-        return self.options.criterion
 
     def expert_scores(self, stats: "ExpertStats") -> torch.Tensor:
         """Per-expert scores `[E]` (float64, higher = keep)."""
@@ -89,6 +78,3 @@ class ExpertRemoval(Method):
             order = sorted(range(size), key=lambda i: (float(part[i]), -i))
             keep += [g * size + i for i in order[per_group:]]
         return torch.tensor(sorted(keep), dtype=torch.long), scores
-
-    def prune_weight(self, weight, stats, sparsity):  # pragma: no cover - experts are removed whole
-        raise TypeError("expert-removal removes whole experts; it runs through SparsePruner.apply.")

@@ -19,7 +19,7 @@ from .structured_scoring import InputStats
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import PruningConfig
 
-__all__ = ["StructuredMethod", "StructuredOptions", "GroupDecision", "ALLOCATIONS"]
+__all__ = ["StructuredMethod", "StructuredOptions", "GroupDecision", "ALLOCATIONS", "ExpertStructureMethod"]
 
 ALLOCATIONS = ("uniform", "threshold", "softmax")
 
@@ -117,3 +117,34 @@ class StructuredMethod(Method):
                keep: int) -> GroupDecision:
         """Chooses `keep` groups of the output projection `weight` (`[out, G·width]`) and their compensation."""
         raise NotImplementedError
+
+
+class ExpertStructureMethod(Method):
+    """Base of the two mixture-of-experts structures (`expert-removal`, `expert-channels`): one `structure`, the same
+    count removed in every MoE block (the stock config has one field for it), a `criterion` option, routed-token
+    norms as statistics. Subclasses set `structure`, `uniform_reason` and `check_sparsity`."""
+
+    stats = "norms"
+    structured: ClassVar[bool] = True
+    per_linear: ClassVar[bool] = False
+    structure: ClassVar[str] = ""
+    uniform_reason: ClassVar[str] = ""  # why every MoE block loses the same count (in the allocation error)
+
+    @classmethod
+    def check_sparsity(cls, config: "PruningConfig") -> None:
+        """Raises `ValueError` when `config.sparsity` has no meaning for this structure."""
+
+    @classmethod
+    def validate_config(cls, config: "PruningConfig") -> None:
+        if config.structure != cls.structure:
+            raise ValueError(f"PruningConfig.structure must be {cls.structure!r} for method {config.method!r}, "
+                             f"got {config.structure!r}.")
+        if config.allocation != "uniform" or config.layer_sparsity:
+            raise ValueError(f"PruningConfig.structure={cls.structure!r} {cls.uniform_reason}; allocation must be "
+                             "'uniform', no layer_sparsity.")
+        cls.check_sparsity(config)
+        cls.check_options(config)
+
+    @property
+    def criterion(self) -> str:
+        return self.options.criterion
