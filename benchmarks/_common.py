@@ -289,3 +289,18 @@ def configure(threads: Optional[int]) -> None:
     logging.getLogger("optimum_sparse").setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
+
+
+def add_upcycled_moe_args(p) -> None:
+    """The arguments of the benchmarks on the MoE upcycled from a dense model (`moe.py`, `moe_expert_channels.py`)."""
+    p.add_argument("--model", default="smollm2-135m", help="Dense Llama-layout model (alias, folder or Hub id).")
+    p.add_argument("--experts", type=int, default=4, help="Experts per block of the upcycled model.")
+    p.add_argument("--top-k", type=int, default=2, help="Experts per token.")
+    p.add_argument("--num-samples", type=int, default=16, help="Calibration windows (pruning and k-means).")
+    p.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window.")
+    p.add_argument("--seed", type=int, default=0, help="Calibration sampling and k-means seed.")
+    p.add_argument("--batch-size", type=int, default=8, help="Calibration windows per forward.")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="Perplexity window length.")
+    p.add_argument("--max-windows", type=int, default=8, help="Evaluation windows (held-out split).")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    p.add_argument("--tag", default=None, help="Machine tag of the output name (default cpu-<cores>c).")

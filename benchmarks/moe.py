@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    RESULTS_DIR, PeakMemory, calibration_ids, command_line, default_tag, evaluation_stream, git_info, loadavg,
+    RESULTS_DIR, PeakMemory, add_upcycled_moe_args, calibration_ids, command_line, default_tag, evaluation_stream, git_info, loadavg,
     machine_info, parse_setting, perplexity, timed, write_json, REPO_ROOT,
 )
 
@@ -54,18 +54,8 @@ RUNS = (["dense", "upcycled", "experts-25%-contribution", "sparsegpt-50%-routed"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="Dense Llama-layout model (alias, folder or Hub id).")
+    add_upcycled_moe_args(p)
     p.add_argument("--runs", nargs="+", default=RUNS, help="Runs, in order (default: the whole grid).")
-    p.add_argument("--experts", type=int, default=4, help="Experts per block of the upcycled model.")
-    p.add_argument("--top-k", type=int, default=2, help="Experts per token.")
-    p.add_argument("--num-samples", type=int, default=16, help="Calibration windows (pruning and k-means).")
-    p.add_argument("--seq-len", type=int, default=512, help="Tokens per calibration window.")
-    p.add_argument("--seed", type=int, default=0, help="Calibration sampling and k-means seed.")
-    p.add_argument("--batch-size", type=int, default=8, help="Calibration windows per forward.")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="Perplexity window length.")
-    p.add_argument("--max-windows", type=int, default=8, help="Evaluation windows (held-out split).")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
-    p.add_argument("--tag", default=None, help="Machine tag of the output name (default cpu-<cores>c).")
     p.add_argument("--output", default=None, help="Output JSON (default benchmarks/results/moe_<tag>.json).")
     p.add_argument("--resume", action="store_true", help="Keep runs already in the output with the same settings.")
     return p
