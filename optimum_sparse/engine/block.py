@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
@@ -76,6 +77,12 @@ class BlockJob:
         self.reports: list[LayerReport] = []
         self.diagnostics: dict = {}
         self.expert_extra: dict[str, dict] = {}  # expert projections: routed tokens, fallback (from collect_stats)
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the job was built (the block onloaded, before any work on it)."""
+        return time.perf_counter() - self.started
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"

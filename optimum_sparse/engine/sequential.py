@@ -193,10 +193,7 @@ def run_sequential(
             checkpoint.restore_report(report)
             if inputs is not None:
                 inputs = inputs.with_hidden(checkpoint.restore_hidden())
-        block_started = [0.0]
-
         def visit(job: BlockJob) -> None:
-            block_started[0] = time.perf_counter()
             if checkpoint is not None:
                 checkpoint.note_dense(job.index, job.linears)
             if job.linears:
@@ -204,8 +201,7 @@ def run_sequential(
 
         def after(job: BlockJob, next_inputs: Optional[BlockInputs]) -> None:
             report.layers.extend(job.reports)
-            report.blocks.append({"index": job.index, "seconds": time.perf_counter() - block_started[0],
-                                  **job.diagnostics})
+            report.blocks.append({"index": job.index, "seconds": job.seconds, **job.diagnostics})
             if checkpoint is not None:
                 checkpoint.save(job.index, job.linears, next_inputs.hidden if next_inputs is not None else None, report)
 
