@@ -134,7 +134,12 @@ class RunCheckpoint:
         weights = {name: module.weight.detach().cpu().contiguous() for name, module in linears.items()}
         if any(w.device.type == "meta" for w in weights.values()):
             raise RuntimeError("Checkpointing needs the block's weights onloaded.")
-        _atomic_save(weights, self._block_path(index))
+        self.save_tensors(index, weights, hidden, report)
+
+    def save_tensors(self, index: int, tensors: dict[str, torch.Tensor], hidden: Optional[list], report) -> None:
+        """Records block `index` as done with `tensors` as its saved state (pruned weights, or the kept indices of a
+        run that changes shapes), the next block's hidden states and the report."""
+        _atomic_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, self._block_path(index))
         if hidden is not None:
             _atomic_save({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)},
                          os.path.join(self.folder, HIDDEN_NAME))

@@ -16,7 +16,6 @@ checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,10 +27,9 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from ..engine.architectures import find_blocks, get_architecture
-from ..engine.checkpoint import CheckpointMismatchError, RunCheckpoint, STATE_NAME, _atomic_save
+from ..engine.checkpoint import CheckpointMismatchError, RunCheckpoint
 from ..engine.offload import _offloaded_tensor_names, offload_hook, update_offloaded_tensor
 from ..engine.sequential import PruningReport, capture_inputs, on_each_block, walk_blocks
-from ..utils import atomic_write_text
 from .shrink import count_parameters, shrunk_layer_report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,18 +137,9 @@ class MoECheckpoint(RunCheckpoint):
 
     def save_decision(self, index: int, decision: dict[str, torch.Tensor], hidden: Optional[list],
                       report: PruningReport) -> None:
-        _atomic_save({k: v.detach().cpu().contiguous() for k, v in decision.items()}, self._block_path(index))
-        if hidden is not None:
-            from ..engine.checkpoint import HIDDEN_NAME
-
-            _atomic_save({str(i): h.detach().cpu().contiguous() for i, h in enumerate(hidden)},
-                         os.path.join(self.folder, HIDDEN_NAME))
-        self.state = {
-            "fingerprint": self.fingerprint, "next_block": index + 1,
-            "dense_digests": {k: v for k, v in self.dense_digests.items() if int(k) <= index},
-            "layers": [layer.to_dict() for layer in report.layers], "blocks": report.blocks,
-        }
-        atomic_write_text(os.path.join(self.folder, STATE_NAME), json.dumps(self.state, indent=1, default=float))
+        """Records block `index` as done: its decision's tensors (kept indices), the next block's hidden states, the
+        report (`RunCheckpoint.save_tensors`)."""
+        self.save_tensors(index, decision, hidden, report)
 
     def load_decision(self, index: int) -> dict[str, torch.Tensor]:
         path = self._block_path(index)
